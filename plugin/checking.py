@@ -1,0 +1,278 @@
+"""Checks a QuestionnaireResponse against its compiled Questionnaire.
+
+One pass over the items both checks them and collects the answers
+(`facts`: linkId -> value). Every problem is reported at once, each with a
+FHIRPath `expression` pointing at the item. What real renderers send is
+accepted: unanswered and disabled items left out (NLM LHC-Forms), the
+question `text` repeated, groups that carry only their children.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from plugin.outcome import InvalidInput, Issue
+from plugin.questionnaire import CompiledQuestionnaire, EnableWhen, ItemSpec
+
+STATUSES = frozenset({"in-progress", "completed", "amended", "entered-in-error", "stopped"})
+MAX_ITEMS = 1000  # the screening has ~40 items; far more is a wrong or hostile body
+MAX_ISSUES = 100
+ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+DATETIME = re.compile(
+    r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])"
+    r"(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)))?)?)?"
+)
+PATIENT_REF = re.compile(r"(.*/)?Patient/[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?|urn:uuid:[0-9a-f\-]{36}")
+ROOT = "QuestionnaireResponse"
+
+
+class _Walk:
+    """State of one check: the Questionnaire, what was found, what is wrong."""
+
+    __slots__ = ("count", "facts", "issues", "paths", "q", "seen")
+
+    def __init__(self, q: CompiledQuestionnaire) -> None:
+        self.q = q
+        self.facts: dict[str, Any] = {}
+        self.paths: dict[str, str] = {}  # linkId -> where it was answered, for later issues
+        self.issues: list[Issue] = []
+        self.seen: set[str] = set()
+        self.count = 0
+
+    def problem(self, code: str, text: str, where: str) -> None:
+        self.issues.append(Issue(code, text, where))
+
+
+def check_response(
+    qr: Any, questionnaires: Mapping[str, CompiledQuestionnaire]
+) -> tuple[CompiledQuestionnaire, dict[str, Any]]:
+    """Returns (the Questionnaire, the answers by linkId) or raises InvalidInput with every issue."""
+    if not isinstance(qr, dict):
+        raise InvalidInput([Issue("structure", "The body is not a FHIR resource (expected a JSON object).")])
+    if qr.get("resourceType") != ROOT:
+        got = qr.get("resourceType")
+        raise InvalidInput([Issue("invalid", f"Expected a QuestionnaireResponse, got {_name(got)}.", "resourceType")])
+    issues = _check_header(qr)
+    q = _find_questionnaire(qr.get("questionnaire"), questionnaires, issues)
+    if q is None:
+        raise InvalidInput(issues)
+    walk = _Walk(q)
+    items = qr.get("item", [])
+    if isinstance(items, list):
+        _check_items(walk, items, None, ROOT)
+    else:
+        walk.problem("structure", "item must be a list.", f"{ROOT}.item")
+    if not walk.issues:
+        _check_enabled(walk)
+    issues += walk.issues
+    if issues:
+        raise InvalidInput(issues[:MAX_ISSUES])
+    return q, walk.facts
+
+
+def _name(value: Any) -> str:
+    return repr(value) if isinstance(value, str) and len(value) < 60 else "something else"
+
+
+def _check_header(qr: dict) -> list[Issue]:
+    issues: list[Issue] = []
+    status = qr.get("status")
+    if status is None:
+        issues.append(Issue("required", "status is missing.", f"{ROOT}.status"))
+    elif status not in STATUSES:
+        issues.append(Issue("code-invalid", f"status {_name(status)} is not a QuestionnaireResponse status "
+                            f"({', '.join(sorted(STATUSES))}).", f"{ROOT}.status"))
+    subject = qr.get("subject")
+    ref = subject.get("reference") if isinstance(subject, dict) else None
+    if subject is None:
+        issues.append(Issue("required", "subject is missing: results need the patient they are about.",
+                            f"{ROOT}.subject"))
+    elif not isinstance(ref, str) or not PATIENT_REF.fullmatch(ref):
+        issues.append(Issue("invalid", "subject.reference must reference a Patient (e.g. Patient/123).",
+                            f"{ROOT}.subject.reference"))
+    encounter = qr.get("encounter")
+    if encounter is not None and not isinstance(_get(encounter, "reference"), str):
+        issues.append(Issue("invalid", "encounter.reference must be a string.", f"{ROOT}.encounter"))
+    if "id" in qr and not (isinstance(qr["id"], str) and ID.fullmatch(qr["id"])):
+        issues.append(Issue("value", "id is not a valid FHIR id.", f"{ROOT}.id"))
+    authored = qr.get("authored")
+    if authored is not None and not (isinstance(authored, str) and DATETIME.fullmatch(authored)):
+        issues.append(Issue("value", "authored is not a valid FHIR dateTime.", f"{ROOT}.authored"))
+    return issues
+
+
+def _get(value: Any, key: str) -> Any:
+    return value.get(key) if isinstance(value, dict) else None
+
+
+def _find_questionnaire(
+    canonical: Any, questionnaires: Mapping[str, CompiledQuestionnaire], issues: list[Issue]
+) -> CompiledQuestionnaire | None:
+    where = f"{ROOT}.questionnaire"
+    if canonical is None:
+        issues.append(Issue("required", "questionnaire is missing: say which Questionnaire was answered.", where))
+        return None
+    if not isinstance(canonical, str):
+        issues.append(Issue("structure", "questionnaire must be a canonical URL string.", where))
+        return None
+    url, _, version = canonical.partition("|")
+    q = questionnaires.get(url)
+    if q is None:
+        known = ", ".join(sorted(questionnaires))
+        issues.append(Issue("not-supported", f"Questionnaire {_name(url)} is not one this plugin scores "
+                            f"(it scores {known}).", where))
+        return None
+    if version and version != q.version:
+        issues.append(Issue("not-supported", f"Questionnaire version {_name(version)} is not published; "
+                            f"the current version is {q.version}.", where))
+        return None
+    return q
+
+
+def _check_items(walk: _Walk, items: list, parent: str | None, path: str) -> None:
+    for i, item in enumerate(items):
+        where = f"{path}.item[{i}]"
+        walk.count += 1
+        if walk.count > MAX_ITEMS or len(walk.issues) >= MAX_ISSUES:
+            if walk.count == MAX_ITEMS + 1:  # said once; the outer loops only count on
+                walk.problem("too-costly", f"More than {MAX_ITEMS} items: not a response to this form.", where)
+            return
+        if not isinstance(item, dict):
+            walk.problem("structure", "Each item must be an object.", where)
+            continue
+        spec = _item_spec(walk, item, parent, where)
+        if spec is None:
+            continue
+        if spec.answer_key is None:
+            _check_group(walk, spec, item, where)
+        else:
+            _check_answers(walk, spec, item, where)
+
+
+def _item_spec(walk: _Walk, item: dict, parent: str | None, where: str) -> ItemSpec | None:
+    link_id = item.get("linkId")
+    if not isinstance(link_id, str):
+        walk.problem("required", "Item has no linkId.", where)
+        return None
+    spec = walk.q.items.get(link_id)
+    if spec is None:
+        walk.problem("invalid", f"linkId {_name(link_id)} is not an item of Questionnaire {walk.q.url}.", where)
+        return None
+    if spec.parent != parent:
+        home = f"group {spec.parent!r}" if spec.parent else "the top level"
+        walk.problem("structure", f"Item {link_id!r} belongs in {home}.", where)
+        return None
+    if link_id in walk.seen and not spec.repeats:
+        walk.problem("duplicate", f"Item {link_id!r} appears more than once.", where)
+        return None
+    walk.seen.add(link_id)
+    return spec
+
+
+def _check_group(walk: _Walk, spec: ItemSpec, item: dict, where: str) -> None:
+    if item.get("answer"):
+        walk.problem("structure", f"Item {spec.link_id!r} is a {spec.type} and takes no answer.", f"{where}.answer")
+    children = item.get("item", [])
+    if isinstance(children, list):
+        _check_items(walk, children, spec.link_id, where)
+    else:
+        walk.problem("structure", "item must be a list.", f"{where}.item")
+
+
+def _check_answers(walk: _Walk, spec: ItemSpec, item: dict, where: str) -> None:
+    if item.get("item"):
+        walk.problem("structure", f"Item {spec.link_id!r} has no child items.", f"{where}.item")
+    answers = item.get("answer")
+    if not answers:  # an item sent without an answer is an unanswered item
+        return
+    if not isinstance(answers, list):
+        walk.problem("structure", "answer must be a list.", f"{where}.answer")
+        return
+    if len(answers) > 1 and not spec.repeats:
+        walk.problem("structure", f"Item {spec.link_id!r} takes one answer, got {len(answers)}.", f"{where}.answer")
+        return
+    for j, answer in enumerate(answers):
+        value = _answer_value(walk, spec, answer, f"{where}.answer[{j}]")
+        if value is not None and j == 0:
+            walk.facts[spec.link_id] = value
+            walk.paths[spec.link_id] = where
+
+
+def _answer_value(walk: _Walk, spec: ItemSpec, answer: Any, where: str) -> Any:
+    if not isinstance(answer, dict):
+        walk.problem("structure", "Each answer must be an object.", where)
+        return None
+    if answer.get("item"):
+        walk.problem("structure", f"Answers to {spec.link_id!r} take no nested items.", f"{where}.item")
+    keys = [k for k in answer if k.startswith("value")]
+    key = spec.answer_key
+    if keys != [key]:
+        got = ", ".join(keys) or "no value"
+        walk.problem("value", f"Item {spec.link_id!r} is a {spec.type} item: its answer must be {key}, got {got}.",
+                     where)
+        return None
+    where = f"{where}.{key}"
+    raw = answer[key]
+    if spec.type == "choice":
+        return _choice(walk, spec, raw, where)
+    if not _is_type(raw, spec.value_type):
+        walk.problem("value", f"Item {spec.link_id!r} needs a {spec.type} value.", where)
+        return None
+    if (spec.minimum is not None and raw < spec.minimum) or (spec.maximum is not None and raw > spec.maximum):
+        walk.problem("value", f"Item {spec.link_id!r} must be between {spec.minimum} and {spec.maximum}.", where)
+        return None
+    return raw
+
+
+def _is_type(value: Any, kind: type | None) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return type(value) is kind  # bool is an int in Python; FHIR keeps them apart
+
+
+def _choice(walk: _Walk, spec: ItemSpec, coding: Any, where: str) -> str | None:
+    code = coding.get("code") if isinstance(coding, dict) else None
+    codes = spec.codes or {}
+    if not isinstance(code, str) or code not in codes:
+        allowed = ", ".join(codes)
+        walk.problem("code-invalid", f"Item {spec.link_id!r} has no answer code {_name(code)} (allowed: {allowed}).",
+                     where)
+        return None
+    system = coding.get("system")
+    if system is not None and system != codes[code]:
+        walk.problem("code-invalid", f"Item {spec.link_id!r}: code {code!r} belongs to {codes[code]}.",
+                     f"{where}.system")
+        return None
+    return code
+
+
+def _check_enabled(walk: _Walk) -> None:
+    """An answer to an item that its enableWhen disables contradicts another answer."""
+    for link_id in walk.facts:
+        spec = walk.q.items[link_id]
+        if spec.enable_when and not is_enabled(spec, walk.facts):
+            walk.problem("business-rule", f"Item {link_id!r} is answered, but its enableWhen disables it "
+                         "given the other answers.", walk.paths[link_id])
+
+
+def is_enabled(spec: ItemSpec, facts: Mapping[str, Any]) -> bool:
+    results = [_condition_holds(c, facts) for c in spec.enable_when]
+    return all(results) if spec.enable_all else any(results)
+
+
+def _condition_holds(c: EnableWhen, facts: Mapping[str, Any]) -> bool:
+    value = facts.get(c.question)
+    if c.operator == "exists":
+        return (value is not None) == c.answer
+    if value is None:
+        return False
+    return {
+        "=": lambda: value == c.answer,
+        "!=": lambda: value != c.answer,
+        ">": lambda: value > c.answer,
+        "<": lambda: value < c.answer,
+        ">=": lambda: value >= c.answer,
+        "<=": lambda: value <= c.answer,
+    }[c.operator]()

@@ -1,0 +1,102 @@
+"""Turns a request body (FHIR JSON or XML) into a plain dict, safely.
+
+JSON goes through orjson (its nesting limit stops deep bodies). XML goes
+through lxml with DTDs, entities and network access off; a DOCTYPE is
+refused outright (FHIR XML never has one), and the root element and
+namespace are checked before fhir.resources (R4B) maps it to JSON form.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from lxml import etree
+
+from plugin.outcome import InvalidInput, Issue, invalid
+from plugin.settings import MAX_BODY_BYTES
+
+FHIR_NS = "http://hl7.org/fhir"
+MAX_XML_DEPTH = 64
+
+
+def xml_parser() -> etree.XMLParser:
+    """A parser that cannot read files, reach the network or expand entities."""
+    return etree.XMLParser(
+        resolve_entities=False, no_network=True, load_dtd=False, dtd_validation=False,
+        huge_tree=False, remove_comments=True, remove_pis=True,
+    )
+
+
+def is_xml(body: bytes, content_type: str | None) -> bool:
+    if content_type:
+        return "xml" in content_type.lower()
+    return body.lstrip()[:1] == b"<"
+
+
+def parse_body(body: bytes, content_type: str | None = None, max_bytes: int = MAX_BODY_BYTES) -> Any:
+    if len(body) > max_bytes:
+        raise invalid("too-costly", f"The body is larger than the {max_bytes}-byte limit.", status=413)
+    if not body.strip():
+        raise invalid("structure", "The body is empty.")
+    return parse_xml(body) if is_xml(body, content_type) else parse_json(body)
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        reason = "it is nested too deeply" if "recursion" in str(error) else f"{error.msg} at position {error.pos}"
+        raise invalid("structure", f"The body is not valid JSON: {reason}.") from None
+
+
+def parse_xml(body: bytes) -> dict:
+    head = body[:4096].upper()
+    if b"<!DOCTYPE" in head or b"<!ENTITY" in body.upper():
+        raise invalid("security", "XML with a DOCTYPE or entity declarations is not accepted.")
+    try:
+        root = etree.fromstring(body, parser=xml_parser())
+    except etree.XMLSyntaxError as error:
+        raise invalid("structure", f"The body is not well-formed XML: {error.msg}.") from None
+    qname = etree.QName(root)
+    if qname.namespace != FHIR_NS:
+        raise invalid("structure", f"The root element must be in the FHIR namespace {FHIR_NS}.")
+    if _depth(root) > MAX_XML_DEPTH:
+        raise invalid("structure", "The XML is nested too deeply.")
+    return _to_json(root, qname.localname)
+
+
+def _depth(root: etree._Element) -> int:
+    deepest = 0
+    for element in root.iter():
+        depth = 0
+        parent = element
+        while parent is not None and depth <= MAX_XML_DEPTH:
+            parent = parent.getparent()
+            depth += 1
+        deepest = max(deepest, depth)
+        if deepest > MAX_XML_DEPTH:
+            break
+    return deepest
+
+
+def _to_json(root: etree._Element, resource_type: str) -> dict:
+    from fhir.resources.R4B import get_fhir_model_class  # slow import; XML is the rare path
+    from pydantic import ValidationError
+
+    try:
+        model_class = get_fhir_model_class(resource_type)
+    except KeyError:
+        raise invalid("not-supported", f"{resource_type!r} is not a FHIR R4 resource type.") from None
+    try:
+        model = model_class.model_validate_xml(etree.tostring(root), xmlparser=xml_parser())
+    except ValidationError as error:
+        raise InvalidInput([_issue(resource_type, e) for e in error.errors()[:100]]) from None
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise invalid("structure", f"The XML is not a valid FHIR {resource_type}.") from None
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _issue(resource_type: str, error: dict) -> Issue:
+    path = resource_type + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+    return Issue("structure", f"{error['msg']}.", path)

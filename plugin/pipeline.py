@@ -1,0 +1,79 @@
+"""parse -> check -> score -> build: the same path whichever way a response arrives.
+
+A `Screener` is made once (it compiles the Questionnaires and rule sets);
+its methods are pure functions of their inputs and the clock passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from plugin import data
+from plugin.building import BundleBuilder
+from plugin.checking import check_response
+from plugin.mappings import RuleSet, load_rule_set
+from plugin.outcome import InvalidInput
+from plugin.parsing import parse_body
+from plugin.questionnaire import CompiledQuestionnaire, compile_questionnaire
+from plugin.scoring import Scores, score
+from plugin.settings import Settings
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What scoring one response gave: the transaction Bundle and a one-word summary."""
+
+    bundle: dict
+    label: str
+    scores: Scores | None
+
+
+class Screener:
+    def __init__(self, settings: Settings | None = None, clock: Clock = utc_now) -> None:
+        self.settings = settings or Settings()
+        self.clock = clock
+        self.questionnaires: dict[str, CompiledQuestionnaire] = {
+            q["url"]: compile_questionnaire(q) for q in data.definitions("Questionnaire")
+        }
+        self.rule_sets: dict[str, RuleSet] = {}
+        for raw in data.rule_files():
+            q = self.questionnaires[raw["questionnaire"]]
+            self.rule_sets[q.url] = load_rule_set(raw, q)
+        self.builders = {
+            url: BundleBuilder(rules, self.settings.strategy) for url, rules in self.rule_sets.items()
+        }
+
+    def check(self, qr: Any) -> tuple[CompiledQuestionnaire, dict[str, Any]]:
+        return check_response(qr, self.questionnaires)
+
+    def process(self, qr: Any) -> Outcome:
+        """Check, score and build; raises InvalidInput with every problem found."""
+        q, facts = self.check(qr)
+        rules = self.rule_sets[q.url]
+        builder = self.builders[q.url]
+        if qr["status"] not in ("completed", "amended", "entered-in-error"):
+            return Outcome(builder.build(qr, None, self.clock()), qr["status"], None)  # type: ignore[arg-type]
+        scores = score(rules, facts, self.settings.strategy)
+        return Outcome(builder.build(qr, scores, self.clock()), scores.outcome_label(), scores)
+
+    def process_body(self, body: bytes, content_type: str | None = None) -> Outcome:
+        return self.process(parse_body(body, content_type, self.settings.max_body_bytes))
+
+    def process_line(self, line: bytes) -> tuple[bytes, str]:
+        """For NDJSON: one serialized Bundle or OperationOutcome, and its label."""
+        try:
+            outcome = self.process_body(line, "application/fhir+json")
+        except InvalidInput as error:
+            return orjson.dumps(error.to_fhir()), "invalid"
+        return orjson.dumps(outcome.bundle), outcome.label

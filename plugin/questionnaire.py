@@ -1,0 +1,106 @@
+"""A Questionnaire compiled once into what checking a response needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# FHIR item type -> the answer[x] key it takes and the Python type of its value.
+ANSWER_KEYS: dict[str, tuple[str, type]] = {
+    "boolean": ("valueBoolean", bool),
+    "integer": ("valueInteger", int),
+    "decimal": ("valueDecimal", float),
+    "string": ("valueString", str),
+    "text": ("valueString", str),
+    "choice": ("valueCoding", str),
+}
+MIN_VALUE = "http://hl7.org/fhir/StructureDefinition/minValue"
+MAX_VALUE = "http://hl7.org/fhir/StructureDefinition/maxValue"
+
+
+@dataclass(frozen=True, slots=True)
+class EnableWhen:
+    question: str
+    operator: str
+    answer: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ItemSpec:
+    link_id: str
+    type: str
+    text: str
+    parent: str | None
+    repeats: bool = False
+    answer_key: str | None = None  # None for groups and display items
+    codes: dict[str, str] | None = None  # choice code -> its system
+    minimum: int | float | None = None
+    maximum: int | float | None = None
+    enable_when: tuple[EnableWhen, ...] = ()
+    enable_all: bool = True  # enableBehavior: all (default) or any
+    children: frozenset[str] = frozenset()
+
+    @property
+    def value_type(self) -> type | None:
+        return ANSWER_KEYS[self.type][1] if self.type in ANSWER_KEYS else None
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledQuestionnaire:
+    url: str
+    version: str
+    resource: dict
+    items: dict[str, ItemSpec]
+    top_level: frozenset[str]
+
+    def answerable(self) -> dict[str, ItemSpec]:
+        return {k: v for k, v in self.items.items() if v.answer_key}
+
+
+def compile_questionnaire(resource: dict) -> CompiledQuestionnaire:
+    items: dict[str, ItemSpec] = {}
+    top = _walk(resource.get("item", []), None, items)
+    return CompiledQuestionnaire(resource["url"], resource["version"], resource, items, top)
+
+
+def _walk(raw_items: list[dict], parent: str | None, out: dict[str, ItemSpec]) -> frozenset[str]:
+    for raw in raw_items:
+        link_id, kind = raw["linkId"], raw["type"]
+        if link_id in out:
+            raise ValueError(f"duplicate linkId {link_id!r} in Questionnaire")
+        if kind not in ANSWER_KEYS and kind not in ("group", "display"):
+            raise ValueError(f"item {link_id!r}: type {kind!r} is not supported")
+        children = _walk(raw.get("item", []), link_id, out)
+        extensions = {e["url"]: e for e in raw.get("extension", [])}
+        out[link_id] = ItemSpec(
+            link_id=link_id,
+            type=kind,
+            text=raw.get("text", link_id),
+            parent=parent,
+            repeats=raw.get("repeats", False),
+            answer_key=ANSWER_KEYS[kind][0] if kind in ANSWER_KEYS else None,
+            codes=_codes(raw) if kind == "choice" else None,
+            minimum=_bound(extensions.get(MIN_VALUE)),
+            maximum=_bound(extensions.get(MAX_VALUE)),
+            enable_when=tuple(_enable_when(e) for e in raw.get("enableWhen", [])),
+            enable_all=raw.get("enableBehavior", "all") == "all",
+            children=children,
+        )
+    return frozenset(r["linkId"] for r in raw_items)
+
+
+def _codes(raw: dict) -> dict[str, str]:
+    return {o["valueCoding"]["code"]: o["valueCoding"].get("system", "") for o in raw.get("answerOption", [])}
+
+
+def _bound(extension: dict | None) -> int | float | None:
+    if extension is None:
+        return None
+    return extension.get("valueInteger", extension.get("valueDecimal"))
+
+
+def _enable_when(raw: dict) -> EnableWhen:
+    (key, value), = ((k, v) for k, v in raw.items() if k.startswith("answer"))
+    if key == "answerCoding":
+        value = value["code"]
+    return EnableWhen(raw["question"], raw["operator"], value)
