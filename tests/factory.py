@@ -1,0 +1,63 @@
+"""Builds QuestionnaireResponses from flat answers, nested as the Questionnaire nests them."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from plugin import data, systems
+
+SCREENING = "https://backpain-screen.org/fhir/Questionnaire/back-pain-screening"
+BASDAI = "https://backpain-screen.org/fhir/Questionnaire/basdai"
+
+
+@cache
+def questionnaire(url: str) -> dict:
+    return next(q for q in data.definitions("Questionnaire") if q["url"] == url)
+
+
+def item_types(url: str = SCREENING) -> dict[str, str]:
+    """linkId -> item type, for answerable items."""
+    found: dict[str, str] = {}
+
+    def walk(items: list[dict]) -> None:
+        for item in items:
+            if item["type"] != "group":
+                found[item["linkId"]] = item["type"]
+            walk(item.get("item", []))
+
+    walk(questionnaire(url)["item"])
+    return found
+
+
+def answer(item_type: str, value: Any) -> dict:
+    if item_type == "choice":
+        return {"valueCoding": {"system": systems.ANSWERS, "code": value}}
+    key = {"boolean": "valueBoolean", "integer": "valueInteger", "decimal": "valueDecimal"}[item_type]
+    return {key: value}
+
+
+def response(answers: dict[str, Any], url: str = SCREENING, status: str = "completed", **extra: Any) -> dict:
+    """A QR answering `answers` (linkId -> value; None or absent = unanswered)."""
+
+    def walk(items: list[dict]) -> list[dict]:
+        out = []
+        for item in items:
+            if item["type"] == "group":
+                children = walk(item.get("item", []))
+                if children:
+                    out.append({"linkId": item["linkId"], "item": children})
+            elif answers.get(item["linkId"]) is not None:
+                out.append({"linkId": item["linkId"], "answer": [answer(item["type"], answers[item["linkId"]])]})
+        return out
+
+    qr = {
+        "resourceType": "QuestionnaireResponse",
+        "questionnaire": url,
+        "status": status,
+        "subject": {"reference": "Patient/example"},
+        "authored": "2026-11-20T09:30:00Z",
+        "item": walk(questionnaire(url)["item"]),
+    }
+    qr.update(extra)
+    return qr
