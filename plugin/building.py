@@ -77,6 +77,7 @@ class _Parts:
     method: dict
     components: tuple[dict[Any, dict], ...]  # per criterion: truth -> component
     rows: tuple[dict[Any, str], ...]  # per criterion: truth -> narrative row
+    head: str  # narrative table head
     tail: str  # citation paragraph
 
 
@@ -105,8 +106,9 @@ class BundleBuilder:
             components = tuple(_components(concept(systems.RESULTS, c.code, c.text)) for c in spec.criteria)
             rows = narrative.criterion_rows([c.text for c in spec.criteria])
         also = tuple(_components(concept(systems.RESULTS, t.code, t.text)) for t in spec.also)
+        head = ("Criterion", "Result", "Urgency") if spec.kind == "flags" else ("Criterion", "Result")
         return _Parts(spec, code, {"text": spec.citation}, components + also, tuple(rows),
-                      narrative.source(spec.citation))
+                      narrative.table_head(head), narrative.source(spec.citation))
 
     def _device(self, plugin_version: str) -> dict:
         value = f"backpain-screen-{plugin_version}-{self.rule_set.tag}"
@@ -187,9 +189,8 @@ class BundleBuilder:
         if not obs["component"]:
             del obs["component"]
         rows = [parts.rows[i][t] for i, t in enumerate(result.criteria)] if parts.rows else _score_rows(result)
-        head = ("Criterion", "Result", "Urgency") if spec.kind == "flags" else ("Criterion", "Result")
         obs["text"] = narrative.text(narrative.document(
-            narrative.paragraph(spec.title, summary), narrative.table(head, rows), parts.tail))
+            narrative.paragraph(spec.title, summary), parts.head, *rows, narrative.TABLE_END, parts.tail))
         return _entry(oid, obs, _create("Observation", systems.SID_OBSERVATION, oid))
 
     def _count_value(self, obs: dict, result: Result) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from plugin.outcome import InvalidInput, Issue
-from plugin.questionnaire import CompiledQuestionnaire, EnableWhen, ItemSpec
+from plugin.questionnaire import SLOW, CompiledQuestionnaire, EnableWhen, ItemSpec
 
 STATUSES = frozenset({"in-progress", "completed", "amended", "entered-in-error", "stopped"})
 MAX_ITEMS = 1000  # the screening has ~40 items; far more is a wrong or hostile body
@@ -36,7 +36,7 @@ class _Walk:
     def __init__(self, q: CompiledQuestionnaire) -> None:
         self.q = q
         self.facts: dict[str, Any] = {}
-        self.paths: dict[str, str] = {}  # linkId -> where it was answered, for later issues
+        self.paths: dict[str, tuple[str, int | None]] = {}  # linkId -> where it was answered, for later issues
         self.issues: list[Issue] = []
         self.seen: set[str] = set()
         self.count = 0
@@ -132,9 +132,22 @@ def _find_questionnaire(
 
 
 def _check_items(walk: _Walk, items: list, parent: str | None, path: str) -> None:
+    specs, seen, facts = walk.q.items, walk.seen, walk.facts
     for i, item in enumerate(items):
-        where = f"{path}.item[{i}]"
         walk.count += 1
+        # Fast path: a well-formed answer (or none) to a known item in its place. Anything
+        # unusual falls through to the slow path below, which says exactly what is wrong.
+        link_id = item.get("linkId") if type(item) is dict else None
+        spec = specs.get(link_id) if type(link_id) is str else None
+        if spec is not None and spec.accept and spec.parent == parent and link_id not in seen and "item" not in item:
+            value = _quick_answer(spec, item.get("answer"))
+            if value is not SLOW:
+                seen.add(link_id)
+                if value is not None:
+                    facts[link_id] = value
+                    walk.paths[link_id] = (path, i)
+                continue
+        where = f"{path}.item[{i}]"
         if walk.count > MAX_ITEMS or len(walk.issues) >= MAX_ISSUES:
             if walk.count == MAX_ITEMS + 1:  # said once; the outer loops only count on
                 walk.problem("too-costly", f"More than {MAX_ITEMS} items: not a response to this form.", where)
@@ -149,6 +162,18 @@ def _check_items(walk: _Walk, items: list, parent: str | None, path: str) -> Non
             _check_group(walk, spec, item, where)
         else:
             _check_answers(walk, spec, item, where)
+
+
+def _quick_answer(spec: ItemSpec, answers: Any) -> Any:
+    """The answer's value, None when unanswered, or SLOW when it needs a closer look."""
+    if not answers:
+        return None if answers is None or answers == [] else SLOW
+    if type(answers) is not list or len(answers) != 1:
+        return SLOW
+    answer = answers[0]
+    if type(answer) is not dict or len(answer) != 1 or spec.answer_key not in answer:
+        return SLOW
+    return spec.accept(answer[spec.answer_key])
 
 
 def _item_spec(walk: _Walk, item: dict, parent: str | None, where: str) -> ItemSpec | None:
@@ -197,7 +222,7 @@ def _check_answers(walk: _Walk, spec: ItemSpec, item: dict, where: str) -> None:
         value = _answer_value(walk, spec, answer, f"{where}.answer[{j}]")
         if value is not None and j == 0:
             walk.facts[spec.link_id] = value
-            walk.paths[spec.link_id] = where
+            walk.paths[spec.link_id] = (where, None)
 
 
 def _answer_value(walk: _Walk, spec: ItemSpec, answer: Any, where: str) -> Any:
@@ -254,7 +279,11 @@ def _check_enabled(walk: _Walk) -> None:
         spec = walk.q.items[link_id]
         if spec.enable_when and not is_enabled(spec, walk.facts):
             walk.problem("business-rule", f"Item {link_id!r} is answered, but its enableWhen disables it "
-                         "given the other answers.", walk.paths[link_id])
+                         "given the other answers.", _where(*walk.paths[link_id]))
+
+
+def _where(path: str, index: int | None) -> str:
+    return path if index is None else f"{path}.item[{index}]"
 
 
 def is_enabled(spec: ItemSpec, facts: Mapping[str, Any]) -> bool:

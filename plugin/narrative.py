@@ -23,9 +23,13 @@ def paragraph(title: str, summary: str) -> str:
     return f"<p><b>{escape(title)}</b>: {summary}</p>"
 
 
-def table(head: tuple[str, ...], rows: list[str]) -> str:
+TABLE_END = "</tbody></table>"
+
+
+def table_head(head: tuple[str, ...]) -> str:
+    """Opens a table; its rows and TABLE_END follow."""
     cells = "".join(f"<th>{escape(h)}</th>" for h in head)
-    return f"<table><thead><tr>{cells}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return f"<table><thead><tr>{cells}</tr></thead><tbody>"
 
 
 def row(*cells: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ ANSWER_KEYS: dict[str, tuple[str, type]] = {
 }
 MIN_VALUE = "http://hl7.org/fhir/StructureDefinition/minValue"
 MAX_VALUE = "http://hl7.org/fhir/StructureDefinition/maxValue"
+SLOW = object()  # "this answer needs the careful check", returned by an ItemSpec's `accept`
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +41,13 @@ class ItemSpec:
     enable_when: tuple[EnableWhen, ...] = ()
     enable_all: bool = True  # enableBehavior: all (default) or any
     children: frozenset[str] = frozenset()
+    accept: Callable[[Any], Any] | None = None  # value[x] -> the fact, or SLOW; for the hot path
+
+    @classmethod
+    def make(cls, **fields: Any) -> ItemSpec:
+        spec = cls(**fields)
+        object.__setattr__(spec, "accept", _acceptor(spec))
+        return spec
 
     @property
     def value_type(self) -> type | None:
@@ -72,7 +81,7 @@ def _walk(raw_items: list[dict], parent: str | None, out: dict[str, ItemSpec]) -
             raise ValueError(f"item {link_id!r}: type {kind!r} is not supported")
         children = _walk(raw.get("item", []), link_id, out)
         extensions = {e["url"]: e for e in raw.get("extension", [])}
-        out[link_id] = ItemSpec(
+        out[link_id] = ItemSpec.make(
             link_id=link_id,
             type=kind,
             text=raw.get("text", link_id),
@@ -87,6 +96,31 @@ def _walk(raw_items: list[dict], parent: str | None, out: dict[str, ItemSpec]) -
             children=children,
         )
     return frozenset(r["linkId"] for r in raw_items)
+
+
+def _acceptor(spec: ItemSpec) -> Callable[[Any], Any] | None:
+    """A quick test that takes only plainly valid values; the checker explains the rest."""
+    low = float("-inf") if spec.minimum is None else spec.minimum
+    high = float("inf") if spec.maximum is None else spec.maximum
+    if spec.type == "boolean":
+        return lambda v: v if v is True or v is False else SLOW
+    if spec.type == "integer":
+        return lambda v: v if type(v) is int and low <= v <= high else SLOW
+    if spec.type == "decimal":
+        return lambda v: v if type(v) in (int, float) and low <= v <= high else SLOW
+    if spec.type in ("string", "text"):
+        return lambda v: v if type(v) is str and v else SLOW
+    if spec.type == "choice":
+        codes = spec.codes or {}
+
+        def choice(v: Any) -> Any:
+            code = v.get("code") if type(v) is dict else None
+            if type(code) is str and code in codes and v.get("system", codes[code]) == codes[code]:
+                return code
+            return SLOW
+
+        return choice
+    return None
 
 
 def _codes(raw: dict) -> dict[str, str]:

@@ -64,7 +64,7 @@ def score(rule_set: RuleSet, facts: dict[str, Any], strategy: str | None = None)
 
 
 def _count(spec: ResultSpec, ev: Evaluation) -> Result:
-    criteria = tuple(c.rule(ev) for c in spec.criteria)
+    criteria = tuple([c.rule(ev) for c in spec.criteria])
     true, unknown = criteria.count(True), criteria.count(None)
     applies = spec.applies(ev) if spec.applies else True
     truth = None
@@ -75,7 +75,7 @@ def _count(spec: ResultSpec, ev: Evaluation) -> Result:
 
 
 def _flags(spec: ResultSpec, ev: Evaluation) -> Result:
-    criteria = tuple(c.rule(ev) for c in spec.criteria)
+    criteria = tuple([c.rule(ev) for c in spec.criteria])
     value = any_of(criteria)
     return Result(spec, value, value, True, criteria)
 
@@ -86,7 +86,7 @@ def _decision(spec: ResultSpec, ev: Evaluation) -> Result:
     The set of values reachable by some filling-in of the missing answers is
     collected; a decision is made only when that set has one member.
     """
-    criteria = tuple(c.rule(ev) for c in spec.criteria)
+    criteria = tuple([c.rule(ev) for c in spec.criteria])
     ev.met = (criteria.count(True), criteria.count(None))
     possible: set[str] = set()
     applies = spec.applies(ev) if spec.applies else True

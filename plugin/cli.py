@@ -1,0 +1,106 @@
+"""The `backpain-screen` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import BinaryIO
+
+import orjson
+
+from plugin import __version__
+from plugin.batch import run_batch, summary
+from plugin.outcome import InvalidInput, invalid
+from plugin.pipeline import Screener
+from plugin.settings import Settings
+
+EXIT_BAD_INPUT = 2
+STRATEGIES = ("asas-2015", "nice-ng65")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = Settings(strategy=args.strategy)
+    return args.run(args, settings)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="backpain-screen",
+        description="Screen back pain for axial spondyloarthritis and red flags (FHIR R4).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    score = commands.add_parser("score", help="score one QuestionnaireResponse; print the transaction Bundle")
+    score.add_argument("file", help="a QuestionnaireResponse in FHIR JSON or XML; - reads standard input")
+    _strategy(score)
+    score.set_defaults(run=_score)
+
+    batch = commands.add_parser("batch", help="score NDJSON, one Bundle or OperationOutcome per line")
+    batch.add_argument("input", help="NDJSON of QuestionnaireResponses; - reads standard input")
+    batch.add_argument("-o", "--output", required=True, help="where to write NDJSON results; - for standard output")
+    batch.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    _strategy(batch)
+    batch.set_defaults(run=_batch)
+    return parser
+
+
+def _strategy(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--strategy", choices=STRATEGIES, default=None,
+                        help="referral strategy (default asas-2015)")
+
+
+def _score(args: argparse.Namespace, settings: Settings) -> int:
+    screener = Screener(settings)
+    try:
+        body, content_type = _read(args.file, settings.max_body_bytes)
+        outcome = screener.process_body(body, content_type)
+    except InvalidInput as error:
+        sys.stdout.buffer.write(orjson.dumps(error.to_fhir(), option=orjson.OPT_INDENT_2) + b"\n")
+        print(f"backpain-screen: {error.summary()}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    sys.stdout.buffer.write(orjson.dumps(outcome.bundle, option=orjson.OPT_INDENT_2) + b"\n")
+    print(f"backpain-screen: outcome {outcome.label}", file=sys.stderr)
+    return 0
+
+
+def _read(name: str, limit: int) -> tuple[bytes, str | None]:
+    """Reads at most limit + 1 bytes, so an oversized file is refused without loading it."""
+    if name == "-":
+        return sys.stdin.buffer.read(limit + 1), None
+    path = Path(name)
+    try:
+        with path.open("rb") as handle:
+            body = handle.read(limit + 1)
+    except OSError as error:
+        raise invalid("not-found", f"Cannot read {name}: {error.strerror}.") from None
+    return body, "application/fhir+xml" if path.suffix.lower() == ".xml" else None
+
+
+def _batch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.workers < 1:
+        print("backpain-screen: --workers must be 1 or more.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    with ExitStack() as stack:
+        try:
+            source = _open(stack, args.input, "rb", sys.stdin.buffer)
+            sink = _open(stack, args.output, "wb", sys.stdout.buffer)
+        except OSError as error:
+            print(f"backpain-screen: cannot open {error.filename}: {error.strerror}.", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        counts = run_batch(source, sink, settings, args.workers, progress=sys.stderr.isatty())
+    print(f"backpain-screen: {summary(counts)}", file=sys.stderr)
+    return 0
+
+
+def _open(stack: ExitStack, name: str, mode: str, standard: BinaryIO) -> BinaryIO:
+    if name == "-":
+        return standard
+    return stack.enter_context(open(name, mode, buffering=1 << 20))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
