@@ -22,6 +22,7 @@ import orjson
 
 from plugin import __version__, narrative, systems
 from plugin.mappings import ResultSpec, RuleSet, TaskSpec
+from plugin.questionnaire import CompiledQuestionnaire
 from plugin.scoring import Result, Scores
 
 NAMESPACE = bytes.fromhex("5f1b2a0e8c3d4b6a9e7f10213243a5b6")  # the plugin's UUIDv5 namespace
@@ -82,8 +83,12 @@ class _Parts:
 
 
 class BundleBuilder:
-    def __init__(self, rule_set: RuleSet, strategy: str | None = None, plugin_version: str = __version__) -> None:
+    def __init__(
+        self, questionnaire: CompiledQuestionnaire, rule_set: RuleSet, strategy: str | None = None,
+        plugin_version: str = __version__,
+    ) -> None:
         self.rule_set = rule_set
+        self.item_codes = {k: v.code for k, v in questionnaire.items.items() if v.code}
         self.strategy = rule_set.strategy_result(strategy)
         self.values = {
             code: (concept(systems.RESULTS, code, v["display"]), INTERPRETATION.get(v.get("interpretation")))
@@ -106,6 +111,7 @@ class BundleBuilder:
             components = tuple(_components(concept(systems.RESULTS, c.code, c.text)) for c in spec.criteria)
             rows = narrative.criterion_rows([c.text for c in spec.criteria])
         also = tuple(_components(concept(systems.RESULTS, t.code, t.text)) for t in spec.also)
+        components += tuple(_components({"coding": [self.item_codes[t.item]], "text": t.text}) for t in spec.terms)
         head = ("Criterion", "Result", "Urgency") if spec.kind == "flags" else ("Criterion", "Result")
         return _Parts(spec, code, {"text": spec.citation}, components + also, tuple(rows),
                       narrative.table_head(head), narrative.source(spec.citation))
@@ -157,10 +163,12 @@ class BundleBuilder:
             entry = _entry(uuid5(f"qr|{key}"), resource, {"method": "PUT", "url": url})
             return entry, {"reference": url}
         ident = qr.get("identifier")
-        if not (isinstance(ident, dict) and ident.get("value") and ident.get("system")):
+        if not (isinstance(ident, dict) and isinstance(ident.get("value"), str) and ident["value"]):
             ident = {"system": systems.SID_QR, "value": uuid5(key)}
             resource["identifier"] = ident
-        entry = _entry(uuid5(f"qr|{key}"), resource, _create("QuestionnaireResponse", ident["system"], ident["value"]))
+        search = f"{ident['system']}|{ident['value']}" if ident.get("system") else ident["value"]
+        request = {"method": "POST", "url": "QuestionnaireResponse", "ifNoneExist": f"identifier={search}"}
+        entry = _entry(uuid5(f"qr|{key}"), resource, request)
         return entry, {"reference": entry["fullUrl"]}
 
     def _observation(self, parts: _Parts, result: Result, ctx: _Context) -> dict:
@@ -184,14 +192,20 @@ class BundleBuilder:
         obs["method"] = parts.method
         obs["derivedFrom"] = [ctx.qr_ref]
         summary = _VALUE_SETTERS[spec.kind](self, obs, result)
-        criteria = result.criteria + result.also
-        obs["component"] = [parts.components[i][t] for i, t in enumerate(criteria)] or _score_components(result)
-        if not obs["component"]:
-            del obs["component"]
+        states = result.criteria + result.also + result.inputs
+        if states:
+            obs["component"] = [_fill(parts.components[i], s) for i, s in enumerate(states)]
         rows = [parts.rows[i][t] for i, t in enumerate(result.criteria)] if parts.rows else _score_rows(result)
         obs["text"] = narrative.text(narrative.document(
             narrative.paragraph(spec.title, summary), parts.head, *rows, narrative.TABLE_END, parts.tail))
-        return _entry(oid, obs, _create("Observation", systems.SID_OBSERVATION, oid))
+        return _entry(oid, obs, self._write("Observation", systems.SID_OBSERVATION, oid, ctx.status))
+
+    @staticmethod
+    def _write(resource_type: str, system: str, value: str, status: str) -> dict:
+        """First results are conditional creates; an amendment or retraction updates them in place."""
+        if status == "final":
+            return _create(resource_type, system, value)
+        return {"method": "PUT", "url": f"{resource_type}?identifier={system}|{value}"}
 
     def _count_value(self, obs: dict, result: Result) -> str:
         spec = result.spec
@@ -334,12 +348,11 @@ def _flag_components(code: str, text: str, urgency: str | None) -> dict[Any, dic
     return {t: {"extension": urgency_ext, **c} for t, c in _components(concept(systems.RESULTS, code, text)).items()}
 
 
-def _score_components(result: Result) -> list[dict]:
-    return [
-        {"code": concept(systems.ITEMS, t.item, t.text), "valueInteger": v} if v is not None
-        else {"code": concept(systems.ITEMS, t.item, t.text), "dataAbsentReason": UNKNOWN}
-        for t, v in zip(result.spec.terms, result.inputs)
-    ]
+def _fill(variants: dict[Any, dict], state: Any) -> dict:
+    """A criterion's prepared component for True/False/None; a score term's answer is a number."""
+    if state is None or state is True or state is False:
+        return variants[state]
+    return {"code": variants[None]["code"], "valueInteger": state}
 
 
 def _score_rows(result: Result) -> list[str]:

@@ -35,8 +35,28 @@ def read_json(path: Path) -> dict:
 
 def definitions(resource_type: str) -> list[dict]:
     """Every published resource of one type (Questionnaire, CodeSystem), by file name order."""
-    found = (read_json(p) for p in sorted(questionnaires_dir().glob("*.json")))
-    return [r for r in found if r.get("resourceType") == resource_type]
+    return [r for r in _published() if r["resourceType"] == resource_type]
+
+
+@cache
+def _published() -> tuple[dict, ...]:
+    """Reads and validates (fhir.resources R4B) every definition once per process.
+
+    A hand-edited definition that is not valid FHIR R4 stops the plugin at
+    start-up, before any response is scored against it.
+    """
+    from fhir.resources.R4B import get_fhir_model_class
+    from pydantic import ValidationError
+
+    found = []
+    for path in sorted(questionnaires_dir().glob("*.json")):
+        resource = read_json(path)
+        try:
+            get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+        except (KeyError, ValidationError) as error:
+            raise ValueError(f"{path.name} is not a valid FHIR R4 resource: {error}") from None
+        found.append(resource)
+    return tuple(found)
 
 
 def rule_files() -> list[dict]:

@@ -51,7 +51,8 @@ class Screener:
             q = self.questionnaires[raw["questionnaire"]]
             self.rule_sets[q.url] = load_rule_set(raw, q)
         self.builders = {
-            url: BundleBuilder(rules, self.settings.strategy) for url, rules in self.rule_sets.items()
+            url: BundleBuilder(self.questionnaires[url], rules, self.settings.strategy)
+            for url, rules in self.rule_sets.items()
         }
 
     def check(self, qr: Any) -> tuple[CompiledQuestionnaire, dict[str, Any]]:

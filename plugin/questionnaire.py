@@ -33,6 +33,7 @@ class ItemSpec:
     type: str
     text: str
     parent: str | None
+    code: dict | None = None  # the item's first item.code Coding
     repeats: bool = False
     answer_key: str | None = None  # None for groups and display items
     codes: dict[str, str] | None = None  # choice code -> its system
@@ -86,6 +87,7 @@ def _walk(raw_items: list[dict], parent: str | None, out: dict[str, ItemSpec]) -
             type=kind,
             text=raw.get("text", link_id),
             parent=parent,
+            code=(raw.get("code") or [None])[0],
             repeats=raw.get("repeats", False),
             answer_key=ANSWER_KEYS[kind][0] if kind in ANSWER_KEYS else None,
             codes=_codes(raw) if kind == "choice" else None,
