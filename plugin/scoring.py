@@ -84,25 +84,36 @@ def _decision(spec: ResultSpec, ev: Evaluation) -> Result:
     """First matching rule wins; an unknown condition keeps both ways open.
 
     The set of values reachable by some filling-in of the missing answers is
-    collected; a decision is made only when that set has one member.
+    collected; a decision is made only when that set has one member. The
+    number of criteria met is tried at each value it could take, so rules
+    that test it ("exactly 3", "4 or more") are never treated as independent
+    of each other (NICE NG65: 3 met + HLA-B27 positive or 4 met both refer).
     """
     criteria = tuple([c.rule(ev) for c in spec.criteria])
-    ev.met = (criteria.count(True), criteria.count(None))
+    true, unknown = criteria.count(True), criteria.count(None)
     possible: set[str] = set()
     applies = spec.applies(ev) if spec.applies else True
     if applies is not True:
         possible.add("not-applicable")
     if applies is not False:
-        for when, then in spec.rules:
-            holds = when(ev)
-            if holds is not False:
-                possible.add(_value_of(then, ev))
-            if holds is True:
-                break
-        else:
-            possible.add(_value_of(spec.otherwise, ev))
+        for met in range(true, true + unknown + 1):
+            ev.met = (met, 0)
+            possible.update(_reachable(spec, ev))
     value = next(iter(possible)) if len(possible) == 1 else "indeterminate"
     return Result(spec, value, None, applies, criteria, possible=frozenset(possible))
+
+
+def _reachable(spec: ResultSpec, ev: Evaluation) -> set[str]:
+    """Values the rules can give: every rule that may hold, down to the first that surely holds."""
+    found = set()
+    for when, then in spec.rules:
+        holds = when(ev)
+        if holds is not False:
+            found.add(_value_of(then, ev))
+        if holds is True:
+            return found
+    found.add(_value_of(spec.otherwise, ev))
+    return found
 
 
 def _value_of(then: Then, ev: Evaluation) -> str:
