@@ -34,17 +34,44 @@ def literal(value: Any) -> str:
     raise TypeError(f"no FHIRPath literal for {value!r}")
 
 
-def answer_path(link_id: str) -> str:
-    """The answer value of an item, wherever it is nested under groups."""
-    return f"{ROOT}.repeat(item).where(linkId={literal(link_id)}).answer.value"
+def answer_path(link_id: str, groups: tuple[str, ...] | None = None) -> str:
+    """The answer value of an item: found at any depth, or (given its groups) along its exact path.
+
+    `repeat(item)` is the general form; the exact path reads the same answer
+    from a valid response (the checker rejects items outside their group)
+    about three times faster with fhirpathpy.
+    """
+    if groups is None:
+        return f"{ROOT}.repeat(item).where(linkId={literal(link_id)}).answer.value"
+    steps = "".join(f".item.where(linkId={literal(g)})" for g in (*groups, link_id))
+    return f"{ROOT}{steps}.answer.value"
+
+
+def questionnaire_items(questionnaire: dict) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Answerable linkId -> (item type, linkIds of the groups it sits in, outermost first)."""
+    found: dict[str, tuple[str, tuple[str, ...]]] = {}
+
+    def walk(items: list[dict], groups: tuple[str, ...]) -> None:
+        for item in items:
+            if item["type"] not in ("group", "display"):
+                found[item["linkId"]] = (item["type"], groups)
+            walk(item.get("item", []), (*groups, item["linkId"]))
+
+    walk(questionnaire.get("item", []), ())
+    return found
 
 
 class RuleTranslator:
-    """Translates one rule set (the loaded YAML) against its Questionnaire's item types."""
+    """Translates one rule set (the loaded YAML) against its Questionnaire.
 
-    def __init__(self, rules: dict, item_types: dict[str, str] | None = None) -> None:
+    `exact_paths` picks how an item is found: False (default) `repeat(item)`,
+    True the path through its groups.
+    """
+
+    def __init__(self, rules: dict, questionnaire: dict | None = None, exact_paths: bool = False) -> None:
         self.rules = rules
-        self.item_types = item_types if item_types is not None else factory.item_types(rules["questionnaire"])
+        self.items = questionnaire_items(questionnaire or factory.questionnaire(rules["questionnaire"]))
+        self.exact_paths = exact_paths
         self.defaults: dict[str, Any] = dict(rules.get("unanswered_means", {}))
         self.conditions: dict[str, str] = {}
         for name, cond in rules.get("conditions", {}).items():
@@ -60,10 +87,11 @@ class RuleTranslator:
 
     def value(self, link_id: str) -> str:
         """An item's answer as compared by rules: the code of a coding; the default if unanswered."""
-        if link_id not in self.item_types:
+        if link_id not in self.items:
             raise KeyError(f"no answerable item {link_id!r}")
-        path = answer_path(link_id)
-        if self.item_types[link_id] == "choice":
+        kind, groups = self.items[link_id]
+        path = answer_path(link_id, groups if self.exact_paths else None)
+        if kind == "choice":
             path += ".code"
         if link_id in self.defaults:
             path = f"iif({path}.exists(), {path}, {literal(self.defaults[link_id])})"
@@ -139,9 +167,9 @@ def at_least(criteria: list[str], k: int) -> str:
     return f"iif(({true}) >= {k}, true, iif(({possible}) < {k}, false, {{}}))"
 
 
-def translate(rules: dict) -> dict[str, str]:
+def translate(rules: dict, exact_paths: bool = False) -> dict[str, str]:
     """{criterion code: FHIRPath expression} for every criterion of a rule set (the loaded YAML)."""
-    return RuleTranslator(rules).criteria
+    return RuleTranslator(rules, exact_paths=exact_paths).criteria
 
 
 def truth(result: list) -> bool | None:
