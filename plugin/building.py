@@ -39,15 +39,14 @@ INTERPRETATION = {
 TRUTH_INTERPRETATION = {True: INTERPRETATION["POS"], False: INTERPRETATION["NEG"], None: INTERPRETATION["IND"]}
 AUTHOR = {"coding": [{"system": systems.PROVENANCE_TYPE, "code": "author", "display": "Author"}]}
 SOURCE_ROLE = "source"
+CACHE_LIMIT = 4096
 
 
 def uuid5(name: str) -> str:
     """RFC 4122 version-5 UUID of `name` in the plugin's namespace (same as uuid.uuid5, faster)."""
-    digest = bytearray(hashlib.sha1(NAMESPACE + name.encode()).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50
-    digest[8] = (digest[8] & 0x3F) | 0x80
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    h = hashlib.sha1(NAMESPACE + name.encode()).hexdigest()
+    variant = "89ab"[int(h[16], 16) & 3]
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}"
 
 
 def instant(now: datetime) -> str:
@@ -77,9 +76,12 @@ class _Parts:
     code: dict
     method: dict
     components: tuple[dict[Any, dict], ...]  # per criterion: truth -> component
+    terms: tuple[dict[Any, dict], ...]  # per score term: its component when unanswered (None) and its code
     rows: tuple[dict[Any, str], ...]  # per criterion: truth -> narrative row
+    intro: str  # narrative: the title, before the summary
     head: str  # narrative table head
     tail: str  # citation paragraph
+    cache: dict[tuple, dict]  # result state -> findings (see BundleBuilder._findings)
 
 
 class BundleBuilder:
@@ -111,10 +113,10 @@ class BundleBuilder:
             components = tuple(_components(concept(systems.RESULTS, c.code, c.text)) for c in spec.criteria)
             rows = narrative.criterion_rows([c.text for c in spec.criteria])
         also = tuple(_components(concept(systems.RESULTS, t.code, t.text)) for t in spec.also)
-        components += tuple(_components({"coding": [self.item_codes[t.item]], "text": t.text}) for t in spec.terms)
+        terms = tuple(_components({"coding": [self.item_codes[t.item]], "text": t.text}) for t in spec.terms)
         head = ("Criterion", "Result", "Urgency") if spec.kind == "flags" else ("Criterion", "Result")
-        return _Parts(spec, code, {"text": spec.citation}, components + also, tuple(rows),
-                      narrative.table_head(head), narrative.source(spec.citation))
+        return _Parts(spec, code, {"text": spec.citation}, components + also, terms, tuple(rows),
+                      narrative.intro(spec.title), narrative.table_head(head), narrative.source(spec.citation), {})
 
     def _device(self, plugin_version: str) -> dict:
         value = f"backpain-screen-{plugin_version}-{self.rule_set.tag}"
@@ -191,14 +193,32 @@ class BundleBuilder:
         obs["device"] = self.device_ref
         obs["method"] = parts.method
         obs["derivedFrom"] = [ctx.qr_ref]
-        summary = _VALUE_SETTERS[spec.kind](self, obs, result)
-        states = result.criteria + result.also + result.inputs
-        if states:
-            obs["component"] = [_fill(parts.components[i], s) for i, s in enumerate(states)]
-        rows = [parts.rows[i][t] for i, t in enumerate(result.criteria)] if parts.rows else _score_rows(result)
-        obs["text"] = narrative.text(narrative.document(
-            narrative.paragraph(spec.title, summary), parts.head, *rows, narrative.TABLE_END, parts.tail))
+        obs.update(self._findings(parts, result))
         return _entry(oid, obs, self._write("Observation", systems.SID_OBSERVATION, oid, ctx.status))
+
+    def _findings(self, parts: _Parts, result: Result) -> dict:
+        """Value, interpretation, components and narrative: the same for every response in the same state.
+
+        Responses repeat a limited number of states per result, so they are
+        made once and reused (shared, never mutated); the cache stops growing
+        at CACHE_LIMIT entries per result.
+        """
+        state = (result.value, result.applies, result.criteria, result.also, result.inputs)
+        found = parts.cache.get(state)
+        if found is not None:
+            return found
+        found = {}
+        summary = _VALUE_SETTERS[parts.spec.kind](self, found, result)
+        states = result.criteria + result.also
+        components = [parts.components[i][t] for i, t in enumerate(states)] + _score_components(parts, result)
+        if components:
+            found["component"] = components
+        rows = [parts.rows[i][t] for i, t in enumerate(result.criteria)] if parts.rows else _score_rows(result)
+        found["text"] = narrative.text(narrative.document(
+            parts.intro, summary, narrative.PARAGRAPH_END, parts.head, *rows, narrative.TABLE_END, parts.tail))
+        if len(parts.cache) < CACHE_LIMIT:
+            parts.cache[state] = found
+        return found
 
     @staticmethod
     def _write(resource_type: str, system: str, value: str, status: str) -> dict:
@@ -292,8 +312,8 @@ class BundleBuilder:
         return _entry(tid, task, _create("Task", systems.SID_TASK, tid))
 
     def _provenance(self, written: list[dict], scores: Scores, ctx: _Context, status: str) -> dict:
-        answers = orjson.dumps(scores_facts_digest(scores), option=orjson.OPT_SORT_KEYS).decode()
-        pid = uuid5(f"{ctx.key}|provenance|{status}|{self.rule_set.tag}|{self.strategy}|{answers}")
+        digest = hashlib.sha1(orjson.dumps(scores_facts_digest(scores))).hexdigest()
+        pid = uuid5(f"{ctx.key}|provenance|{status}|{self.rule_set.tag}|{self.strategy}|{digest}")
         resource = {
             "resourceType": "Provenance",
             "meta": {"tag": [*self.tag["tag"], {"system": systems.SID_PROVENANCE, "code": pid}]},
@@ -348,11 +368,12 @@ def _flag_components(code: str, text: str, urgency: str | None) -> dict[Any, dic
     return {t: {"extension": urgency_ext, **c} for t, c in _components(concept(systems.RESULTS, code, text)).items()}
 
 
-def _fill(variants: dict[Any, dict], state: Any) -> dict:
-    """A criterion's prepared component for True/False/None; a score term's answer is a number."""
-    if state is None or state is True or state is False:
-        return variants[state]
-    return {"code": variants[None]["code"], "valueInteger": state}
+def _score_components(parts: _Parts, result: Result) -> list[dict]:
+    """One component per score term: its answer, or unknown."""
+    return [
+        parts.terms[i][None] if value is None else {"code": parts.terms[i][None]["code"], "valueInteger": value}
+        for i, value in enumerate(result.inputs)
+    ]
 
 
 def _score_rows(result: Result) -> list[str]:

@@ -31,12 +31,11 @@ ROOT = "QuestionnaireResponse"
 class _Walk:
     """State of one check: the Questionnaire, what was found, what is wrong."""
 
-    __slots__ = ("count", "facts", "issues", "paths", "q", "seen")
+    __slots__ = ("count", "facts", "issues", "q", "seen")
 
     def __init__(self, q: CompiledQuestionnaire) -> None:
         self.q = q
         self.facts: dict[str, Any] = {}
-        self.paths: dict[str, tuple[str, int | None]] = {}  # linkId -> where it was answered, for later issues
         self.issues: list[Issue] = []
         self.seen: set[str] = set()
         self.count = 0
@@ -65,11 +64,27 @@ def check_response(
     else:
         walk.problem("structure", "item must be a list.", f"{ROOT}.item")
     if not walk.issues:
-        _check_enabled(walk)
+        _check_enabled(walk, qr)
+    elif len(walk.issues) >= MAX_ISSUES and count_items(items, MAX_ITEMS + 1) > MAX_ITEMS:
+        walk.issues.insert(0, Issue("too-costly", f"More than {MAX_ITEMS} items: not a response to this form.",
+                                    f"{ROOT}.item"))
     issues += walk.issues
     if issues:
         raise InvalidInput(issues[:MAX_ISSUES])
     return q, walk.facts
+
+
+def count_items(items: Any, limit: int) -> int:
+    """How many items there are, counting no further than `limit` (only asked once things look wrong)."""
+    seen, stack = 0, [items]
+    while stack and seen < limit:
+        level = stack.pop()
+        if isinstance(level, list):
+            for item in level:
+                seen += 1
+                if isinstance(item, dict):
+                    stack.append(item.get("item"))
+    return seen
 
 
 def _name(value: Any) -> str:
@@ -81,7 +96,7 @@ def _check_header(qr: dict) -> list[Issue]:
     status = qr.get("status")
     if status is None:
         issues.append(Issue("required", "status is missing.", f"{ROOT}.status"))
-    elif status not in STATUSES:
+    elif not isinstance(status, str) or status not in STATUSES:
         issues.append(Issue("code-invalid", f"status {_name(status)} is not a QuestionnaireResponse status "
                             f"({', '.join(sorted(STATUSES))}).", f"{ROOT}.status"))
     subject = qr.get("subject")
@@ -140,13 +155,18 @@ def _check_items(walk: _Walk, items: list, parent: str | None, path: str) -> Non
         link_id = item.get("linkId") if type(item) is dict else None
         spec = specs.get(link_id) if type(link_id) is str else None
         if spec is not None and spec.accept and spec.parent == parent and link_id not in seen and "item" not in item:
-            value = _quick_answer(spec, item.get("answer"))
-            if value is not SLOW:
+            answers = item.get("answer")
+            if not answers and (answers is None or answers == []):
                 seen.add(link_id)
-                if value is not None:
-                    facts[link_id] = value
-                    walk.paths[link_id] = (path, i)
                 continue
+            if type(answers) is list and len(answers) == 1:
+                answer = answers[0]
+                if type(answer) is dict and len(answer) == 1 and spec.answer_key in answer:
+                    value = spec.accept(answer[spec.answer_key])
+                    if value is not SLOW:
+                        seen.add(link_id)
+                        facts[link_id] = value
+                        continue
         where = f"{path}.item[{i}]"
         if walk.count > MAX_ITEMS or len(walk.issues) >= MAX_ISSUES:
             if walk.count == MAX_ITEMS + 1:  # said once; the outer loops only count on
@@ -162,18 +182,6 @@ def _check_items(walk: _Walk, items: list, parent: str | None, path: str) -> Non
             _check_group(walk, spec, item, where)
         else:
             _check_answers(walk, spec, item, where)
-
-
-def _quick_answer(spec: ItemSpec, answers: Any) -> Any:
-    """The answer's value, None when unanswered, or SLOW when it needs a closer look."""
-    if not answers:
-        return None if answers is None or answers == [] else SLOW
-    if type(answers) is not list or len(answers) != 1:
-        return SLOW
-    answer = answers[0]
-    if type(answer) is not dict or len(answer) != 1 or spec.answer_key not in answer:
-        return SLOW
-    return spec.accept(answer[spec.answer_key])
 
 
 def _item_spec(walk: _Walk, item: dict, parent: str | None, where: str) -> ItemSpec | None:
@@ -210,7 +218,7 @@ def _check_answers(walk: _Walk, spec: ItemSpec, item: dict, where: str) -> None:
     if item.get("item"):
         walk.problem("structure", f"Item {spec.link_id!r} has no child items.", f"{where}.item")
     answers = item.get("answer")
-    if not answers:  # an item sent without an answer is an unanswered item
+    if answers is None or answers == []:  # an item sent without an answer is an unanswered item
         return
     if not isinstance(answers, list):
         walk.problem("structure", "answer must be a list.", f"{where}.answer")
@@ -222,7 +230,6 @@ def _check_answers(walk: _Walk, spec: ItemSpec, item: dict, where: str) -> None:
         value = _answer_value(walk, spec, answer, f"{where}.answer[{j}]")
         if value is not None and j == 0:
             walk.facts[spec.link_id] = value
-            walk.paths[spec.link_id] = (where, None)
 
 
 def _answer_value(walk: _Walk, spec: ItemSpec, answer: Any, where: str) -> Any:
@@ -235,7 +242,7 @@ def _answer_value(walk: _Walk, spec: ItemSpec, answer: Any, where: str) -> Any:
     key = spec.answer_key
     if keys != [key]:
         got = ", ".join(keys) or "no value"
-        walk.problem("value", f"Item {spec.link_id!r} is a {spec.type} item: its answer must be {key}, got {got}.",
+        walk.problem("value", f"Item {spec.link_id!r} is of type {spec.type}: its answer must be {key}, got {got}.",
                      where)
         return None
     where = f"{where}.{key}"
@@ -262,8 +269,8 @@ def _choice(walk: _Walk, spec: ItemSpec, coding: Any, where: str) -> str | None:
     codes = spec.codes or {}
     if not isinstance(code, str) or code not in codes:
         allowed = ", ".join(codes)
-        walk.problem("code-invalid", f"Item {spec.link_id!r} has no answer code {_name(code)} (allowed: {allowed}).",
-                     where)
+        walk.problem("code-invalid", f"Item {spec.link_id!r} has an answer code that is not one of its options "
+                     f"(allowed: {allowed}).", where)
         return None
     system = coding.get("system")
     if system is not None and system != codes[code]:
@@ -273,17 +280,25 @@ def _choice(walk: _Walk, spec: ItemSpec, coding: Any, where: str) -> str | None:
     return code
 
 
-def _check_enabled(walk: _Walk) -> None:
+def _check_enabled(walk: _Walk, qr: dict) -> None:
     """An answer to an item that its enableWhen disables contradicts another answer."""
-    for link_id in walk.facts:
-        spec = walk.q.items[link_id]
-        if spec.enable_when and not is_enabled(spec, walk.facts):
-            walk.problem("business-rule", f"Item {link_id!r} is answered, but its enableWhen disables it "
-                         "given the other answers.", _where(*walk.paths[link_id]))
+    for spec in walk.q.conditional:
+        if spec.link_id in walk.facts and not is_enabled(spec, walk.facts):
+            walk.problem("business-rule", f"Item {spec.link_id!r} is answered, but its enableWhen disables it "
+                         "given the other answers.", find_item(qr.get("item", []), spec.link_id, ROOT))
 
 
-def _where(path: str, index: int | None) -> str:
-    return path if index is None else f"{path}.item[{index}]"
+def find_item(items: list, link_id: str, path: str) -> str:
+    """Where an item is (FHIRPath), found again only when there is a problem to report."""
+    for i, item in enumerate(items):
+        if isinstance(item, dict):
+            where = f"{path}.item[{i}]"
+            if item.get("linkId") == link_id:
+                return where
+            found = find_item(item.get("item") or [], link_id, where)
+            if found:
+                return found
+    return ""
 
 
 def is_enabled(spec: ItemSpec, facts: Mapping[str, Any]) -> bool:

@@ -18,9 +18,17 @@ def text(div: str) -> dict:
     return {"status": "generated", "div": div}
 
 
+PARAGRAPH_END = "</p>"
+
+
+def intro(title: str) -> str:
+    """Opens a paragraph with a bold title; an escaped summary and PARAGRAPH_END follow."""
+    return f"<p><b>{escape(title)}</b>: "
+
+
 def paragraph(title: str, summary: str) -> str:
     """`summary` is already escaped (it may hold markup made here)."""
-    return f"<p><b>{escape(title)}</b>: {summary}</p>"
+    return intro(title) + summary + PARAGRAPH_END
 
 
 TABLE_END = "</tbody></table>"

@@ -8,6 +8,7 @@ namespace are checked before fhir.resources (R4B) maps it to JSON form.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -18,6 +19,8 @@ from plugin.settings import MAX_BODY_BYTES
 
 FHIR_NS = "http://hl7.org/fhir"
 MAX_XML_DEPTH = 64
+DECLARATION = re.compile(rb"<!(DOCTYPE|ENTITY)", re.IGNORECASE)
+NO_DTD = "XML with a DOCTYPE or entity declarations is not accepted."
 
 
 def xml_parser() -> etree.XMLParser:
@@ -51,13 +54,14 @@ def parse_json(body: bytes) -> Any:
 
 
 def parse_xml(body: bytes) -> dict:
-    head = body[:4096].upper()
-    if b"<!DOCTYPE" in head or b"<!ENTITY" in body.upper():
-        raise invalid("security", "XML with a DOCTYPE or entity declarations is not accepted.")
+    if DECLARATION.search(body):
+        raise invalid("security", NO_DTD)
     try:
         root = etree.fromstring(body, parser=xml_parser())
     except etree.XMLSyntaxError as error:
-        raise invalid("structure", f"The body is not well-formed XML: {error.msg}.") from None
+        raise invalid("structure", f"The body is not well-formed XML: {error.msg.rstrip('.')}.") from None
+    if root.getroottree().docinfo.doctype:  # however it got past the scan (e.g. another encoding)
+        raise invalid("security", NO_DTD)
     qname = etree.QName(root)
     if qname.namespace != FHIR_NS:
         raise invalid("structure", f"The root element must be in the FHIR namespace {FHIR_NS}.")
@@ -86,17 +90,21 @@ def _to_json(root: etree._Element, resource_type: str) -> dict:
 
     try:
         model_class = get_fhir_model_class(resource_type)
-    except KeyError:
+    except (KeyError, ValueError):
         raise invalid("not-supported", f"{resource_type!r} is not a FHIR R4 resource type.") from None
     try:
         model = model_class.model_validate_xml(etree.tostring(root), xmlparser=xml_parser())
     except ValidationError as error:
-        raise InvalidInput([_issue(resource_type, e) for e in error.errors()[:100]]) from None
+        fields = {f.alias or name for name, f in model_class.model_fields.items()}
+        raise InvalidInput([_issue(resource_type, e, fields) for e in error.errors()[:100]]) from None
     except (ValueError, TypeError, KeyError, AttributeError):
         raise invalid("structure", f"The XML is not a valid FHIR {resource_type}.") from None
     return model.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-def _issue(resource_type: str, error: dict) -> Issue:
-    path = resource_type + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
-    return Issue("structure", f"{error['msg']}.", path)
+def _issue(resource_type: str, error: dict, fields: set[str]) -> Issue:
+    """fhir.resources locates some errors only by element name: give a path only when it is real."""
+    loc = error["loc"]
+    path = resource_type + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+    message = f"{str(error['msg']).rstrip('.')}."
+    return Issue("structure", message, path if loc and loc[0] in fields else None)

@@ -17,7 +17,7 @@ from plugin import data
 from plugin.building import BundleBuilder
 from plugin.checking import check_response
 from plugin.mappings import RuleSet, load_rule_set
-from plugin.outcome import InvalidInput
+from plugin.outcome import InvalidInput, invalid
 from plugin.parsing import parse_body
 from plugin.questionnaire import CompiledQuestionnaire, compile_questionnaire
 from plugin.scoring import Scores, score
@@ -37,6 +37,15 @@ class Outcome:
     bundle: dict
     label: str
     scores: Scores | None
+
+
+def _must_serialize(qr: dict) -> None:
+    """The response is written back as it came: refuse what JSON cannot carry (too deep, huge ints)."""
+    try:
+        orjson.dumps(qr)
+    except orjson.JSONEncodeError:
+        raise invalid("structure", "The response holds values that cannot be written back as FHIR JSON "
+                      "(nested too deeply, or numbers or text out of range).") from None
 
 
 class Screener:
@@ -61,6 +70,7 @@ class Screener:
     def process(self, qr: Any) -> Outcome:
         """Check, score and build; raises InvalidInput with every problem found."""
         q, facts = self.check(qr)
+        _must_serialize(qr)
         rules = self.rule_sets[q.url]
         builder = self.builders[q.url]
         if qr["status"] not in ("completed", "amended", "entered-in-error"):

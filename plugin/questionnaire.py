@@ -62,6 +62,7 @@ class CompiledQuestionnaire:
     resource: dict
     items: dict[str, ItemSpec]
     top_level: frozenset[str]
+    conditional: tuple[ItemSpec, ...]  # the items that have an enableWhen
 
     def answerable(self) -> dict[str, ItemSpec]:
         return {k: v for k, v in self.items.items() if v.answer_key}
@@ -70,7 +71,8 @@ class CompiledQuestionnaire:
 def compile_questionnaire(resource: dict) -> CompiledQuestionnaire:
     items: dict[str, ItemSpec] = {}
     top = _walk(resource.get("item", []), None, items)
-    return CompiledQuestionnaire(resource["url"], resource["version"], resource, items, top)
+    conditional = tuple(spec for spec in items.values() if spec.enable_when)
+    return CompiledQuestionnaire(resource["url"], resource["version"], resource, items, top, conditional)
 
 
 def _walk(raw_items: list[dict], parent: str | None, out: dict[str, ItemSpec]) -> frozenset[str]:

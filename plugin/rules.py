@@ -28,6 +28,7 @@ class Evaluation:
     results: dict[str, Any] = field(default_factory=dict)
     strategy: str = ""
     met: tuple[int, int] = (0, 0)  # known-true and unknown criteria of the current result
+    conditions: dict[str, Truth] = field(default_factory=dict)  # named conditions worked out so far
 
 
 Predicate = Callable[[Evaluation], Truth]
@@ -112,6 +113,10 @@ def _item(node: dict, scope: Scope, where: str) -> Predicate:
     test, ref = tests[0], node[tests[0]]
     for value in ref if test in ("in", "not_in") else [ref]:
         _check_value(spec, value, where)
+    if test == "is" and type(ref) is bool:  # the commonest rule: the answer is the truth value
+        if ref:
+            return lambda ev: ev.facts.get(item)
+        return lambda ev: None if (value := ev.facts.get(item)) is None else not value
     compare = COMPARISONS[test]
     if test in ("in", "not_in"):
         ref = frozenset(ref)
@@ -134,6 +139,11 @@ def _check_value(spec: Any, value: Any, where: str) -> None:
 def _combine(node: dict, scope: Scope, where: str) -> Predicate:
     kind = "all" if "all" in node else "any"
     parts = [compile_rule(p, scope, f"{where}.{kind}[{i}]") for i, p in enumerate(node[kind])]
+    if len(parts) == 2:  # most rules pair two answers; spare the list
+        first, second = parts
+        if kind == "all":
+            return lambda ev: False if (a := first(ev)) is False else all_of((a, second(ev)))
+        return lambda ev: True if (a := first(ev)) is True else any_of((a, second(ev)))
     join = all_of if kind == "all" else any_of
     return lambda ev: join([p(ev) for p in parts])
 
@@ -162,7 +172,15 @@ def _condition(node: dict, scope: Scope, where: str) -> Predicate:
     name = node["condition"]
     if name not in scope.conditions:
         raise MappingError(f"{where}: no condition named {name!r} (define it above its use)")
-    return scope.conditions[name]
+    rule = scope.conditions[name]
+
+    def remembered(ev: Evaluation) -> Truth:  # a condition is used by several results: work it out once
+        known = ev.conditions
+        if name not in known:
+            known[name] = rule(ev)
+        return known[name]
+
+    return remembered
 
 
 def _result(node: dict, scope: Scope, where: str) -> Predicate:
