@@ -53,8 +53,13 @@ def instant(now: datetime) -> str:
     return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def coded(system: str, code: str, display: str) -> dict:
+    """A CodeableConcept of one Coding (components: the display says it all, the Bundle stays small)."""
+    return {"coding": [{"system": system, "code": code, "display": display}]}
+
+
 def concept(system: str, code: str, display: str) -> dict:
-    return {"coding": [{"system": system, "code": code, "display": display}], "text": display}
+    return {**coded(system, code, display), "text": display}
 
 
 def response_key(qr: dict) -> str:
@@ -110,10 +115,10 @@ class BundleBuilder:
             components = tuple(_flag_components(c.code, c.text, c.urgency) for c in spec.criteria)
             rows = narrative.flag_rows([(c.text, c.concern or "", c.urgency or "") for c in spec.criteria])
         else:
-            components = tuple(_components(concept(systems.RESULTS, c.code, c.text)) for c in spec.criteria)
+            components = tuple(_components(coded(systems.RESULTS, c.code, c.text)) for c in spec.criteria)
             rows = narrative.criterion_rows([c.text for c in spec.criteria])
-        also = tuple(_components(concept(systems.RESULTS, t.code, t.text)) for t in spec.also)
-        terms = tuple(_components({"coding": [self.item_codes[t.item]], "text": t.text}) for t in spec.terms)
+        also = tuple(_components(coded(systems.RESULTS, t.code, t.text)) for t in spec.also)
+        terms = tuple(_components({"coding": [self.item_codes[t.item]]}) for t in spec.terms)
         head = ("Criterion", "Result", "Urgency") if spec.kind == "flags" else ("Criterion", "Result")
         return _Parts(spec, code, {"text": spec.citation}, components + also, terms, tuple(rows),
                       narrative.intro(spec.title), narrative.table_head(head), narrative.source(spec.citation), {})
@@ -365,7 +370,7 @@ def _components(code: dict) -> dict[Any, dict]:
 
 def _flag_components(code: str, text: str, urgency: str | None) -> dict[Any, dict]:
     urgency_ext = [{"url": systems.EXT_URGENCY, "valueCode": urgency}]
-    return {t: {"extension": urgency_ext, **c} for t, c in _components(concept(systems.RESULTS, code, text)).items()}
+    return {t: {"extension": urgency_ext, **c} for t, c in _components(coded(systems.RESULTS, code, text)).items()}
 
 
 def _score_components(parts: _Parts, result: Result) -> list[dict]:

@@ -8,7 +8,7 @@ a patient's response is being scored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
@@ -96,6 +96,7 @@ class RuleSet:
     values: dict[str, dict]
     tasks: tuple[TaskSpec, ...]
     outcome_result: str
+    per_strategy: dict[str, tuple[ResultSpec, ...]]  # strategy result code -> the results to evaluate
 
     @property
     def tag(self) -> str:
@@ -111,9 +112,8 @@ class RuleSet:
         return self.strategies[name]
 
     def emitted(self, strategy_code: str) -> tuple[ResultSpec, ...]:
-        """Results written for a response: all but the strategies not chosen."""
-        others = set(self.strategies.values()) - {strategy_code}
-        return tuple(r for r in self.results if r.code not in others)
+        """Results evaluated and written for a response: all but the strategies not chosen."""
+        return self.per_strategy[strategy_code]
 
 
 def load_rule_set(data: dict, q: CompiledQuestionnaire) -> RuleSet:
@@ -138,8 +138,14 @@ def load_rule_set(data: dict, q: CompiledQuestionnaire) -> RuleSet:
         _need(code in codes, f"strategies.options.{name}: no result {code!r}")
     _need(not options or strategies.get("default") in options, "strategies.default must be one of the options")
     _need(data.get("outcome_result") in codes, "outcome_result must name a result")
-    strategy_scope = Scope(items, scope.conditions, {**scope.results, "strategy": "decision"}, scope.flags, scope.texts)
+    strategy_scope = replace(scope, results={**scope.results, "strategy": "decision"})
     tasks = tuple(_task(raw, strategy_scope, codes, f"tasks[{i}]") for i, raw in enumerate(data.get("tasks", [])))
+    for code in options.values():
+        _need(code not in scope.referenced, f"result {code!r} is a strategy: refer to it as `strategy`")
+    per_strategy = {
+        code: tuple(r for r in results if r.code == code or r.code not in options.values())
+        for code in [*options.values(), ""]
+    }
     rule_set = data.get("rule_set", {})
     return RuleSet(
         questionnaire=q.url,
@@ -152,6 +158,7 @@ def load_rule_set(data: dict, q: CompiledQuestionnaire) -> RuleSet:
         values=values,
         tasks=tasks,
         outcome_result=data["outcome_result"],
+        per_strategy=per_strategy,
     )
 
 
@@ -166,7 +173,7 @@ def _result(raw: dict, scope: Scope, where: str) -> ResultSpec:
     _need(kind in KINDS, f"{where}: kind must be one of {KINDS}")
     _need(bool(raw.get("citation")), f"{where}: every result needs a citation")
     where = f"{where}({code})"
-    criteria_scope = Scope(scope.items, scope.conditions, scope.results, scope.flags, scope.texts, has_criteria=True)
+    criteria_scope = replace(scope, has_criteria=True)
     criteria = tuple(_criterion(c, scope, f"{where}.criteria[{i}]") for i, c in enumerate(raw.get("criteria", [])))
     spec = ResultSpec(
         code=code,

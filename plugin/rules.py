@@ -88,6 +88,7 @@ class Scope:
     results: dict[str, str]  # result code -> kind, for results defined earlier
     flags: dict[str, dict[str, list[int]]]  # flags result -> urgency -> criterion indexes
     texts: dict[str, str] = field(default_factory=dict)  # condition name -> its plain text
+    referenced: set[str] = field(default_factory=set)  # results named by a rule
     has_criteria: bool = False
 
 
@@ -187,6 +188,7 @@ def _result(node: dict, scope: Scope, where: str) -> Predicate:
     code = node["result"]
     if code != "strategy" and code not in scope.results:
         raise MappingError(f"{where}: no result {code!r} defined before this rule")
+    scope.referenced.add(code)
     if "is" not in node:
 
         def truth(ev: Evaluation) -> Truth:

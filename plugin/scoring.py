@@ -57,7 +57,7 @@ def score(rule_set: RuleSet, facts: dict[str, Any], strategy: str | None = None)
     if rule_set.unanswered_means:
         facts = {**rule_set.unanswered_means, **facts}
     ev = Evaluation(facts=facts, strategy=rule_set.strategy_result(strategy))
-    for spec in rule_set.results:
+    for spec in rule_set.emitted(ev.strategy):
         ev.results[spec.code] = _EVALUATORS[spec.kind](spec, ev)
     tasks = [t for t in rule_set.tasks if t.when(ev) is True]
     return Scores(rule_set, ev.strategy, ev.results, tasks)
