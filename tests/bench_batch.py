@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import subprocess
 import sys
 import threading
@@ -20,40 +19,14 @@ import time
 from pathlib import Path
 from typing import IO
 
-import orjson
-
-from tests.factory import item_types, response
-
-CHOICES = {
-    "pain-duration": ["lt-6w", "6w-3m", "3m-1y", "1y-5y", "gt-5y"],
-    "buttock-pain": ["none", "one-side", "alternating", "both-sides"],
-    "nsaid-response": ["not-tried", "much-better", "a-little", "no-effect"],
-    "hla-b27": ["positive", "negative", "not-tested"],
-    "crp-elevated": ["raised", "normal", "not-tested"],
-    "sacroiliitis-imaging": ["present", "absent", "not-done"],
-}
+from tests.bench_pipeline import make_bodies
 
 
 def sample_lines(count: int, seed: int = 7) -> list[bytes]:
-    """A pool of varied responses (some items unanswered), reused with fresh ids."""
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(count):
-        answers = {}
-        for link_id, kind in item_types().items():
-            if rng.random() < 0.1:
-                continue
-            if kind == "boolean":
-                answers[link_id] = rng.random() < 0.3
-            elif kind == "integer":
-                answers[link_id] = rng.randint(15, 70) if "age" in link_id else rng.randint(0, 120)
-            else:
-                answers[link_id] = rng.choice(CHOICES[link_id])
-        if not answers.get("night-pain"):
-            answers.pop("night-pain-eases-on-rising", None)
-            answers.pop("night-waking-second-half", None)
-        lines.append(orjson.dumps(response(answers)))
-    return lines
+    """A pool of plausible responses (the pipeline benchmark's), reused with fresh ids."""
+    from plugin.pipeline import Screener
+
+    return make_bodies(Screener(), count, seed)
 
 
 def feed(pipe: IO[bytes], n: int) -> None:
@@ -61,7 +34,7 @@ def feed(pipe: IO[bytes], n: int) -> None:
     with pipe:
         for i in range(n):
             line = pool[i % len(pool)]
-            pipe.write(line[:-1] + b',"id":"b' + str(i).encode() + b'"}\n')
+            pipe.write(line + b"\n")
 
 
 def peak_rss_kb(pid: int) -> int:

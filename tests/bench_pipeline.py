@@ -37,7 +37,6 @@ from typing import Any
 import orjson
 
 from plugin import data
-from plugin.checking import is_enabled
 from plugin.parsing import parse_body
 from plugin.pipeline import Screener
 from plugin.questionnaire import ItemSpec
@@ -101,10 +100,7 @@ def random_answers(rng: random.Random, items: dict[str, ItemSpec]) -> dict[str, 
             answers[link_id] = rng.randint(int(spec.minimum or 0), int(spec.maximum or 100))
         elif spec.type == "choice":
             answers[link_id] = rng.choice(sorted(spec.codes or {}))
-    while disabled := [k for k in answers if items[k].enable_when and not is_enabled(items[k], answers)]:
-        for link_id in disabled:
-            del answers[link_id]
-    return answers
+    return factory.drop_disabled(answers, items)
 
 
 def random_response(rng: random.Random, items: dict[str, ItemSpec]) -> dict:

@@ -61,3 +61,13 @@ def response(answers: dict[str, Any], url: str = SCREENING, status: str = "compl
     }
     qr.update(extra)
     return qr
+
+
+def drop_disabled(answers: dict[str, Any], items: dict) -> dict[str, Any]:
+    """Leaves out answers whose enableWhen the other answers switch off (as renderers do)."""
+    from plugin.checking import is_enabled
+
+    while disabled := [k for k in answers if items[k].enable_when and not is_enabled(items[k], answers)]:
+        for link_id in disabled:
+            del answers[link_id]
+    return answers

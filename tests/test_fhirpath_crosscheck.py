@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 
 from plugin import data
-from plugin.checking import is_enabled
 from plugin.pipeline import Screener
 from plugin.questionnaire import ItemSpec
 from tests import factory
@@ -87,10 +86,7 @@ def random_answers(rng: random.Random, items: dict[str, ItemSpec], near: list[in
             answers[link_id] = integer(rng, spec, near)
         elif spec.type == "choice":
             answers[link_id] = rng.choice(sorted(spec.codes or {}))
-    while disabled := [k for k in answers if items[k].enable_when and not is_enabled(items[k], answers)]:
-        for link_id in disabled:
-            del answers[link_id]
-    return answers
+    return factory.drop_disabled(answers, items)
 
 
 def answer_sets(screener: Screener, rules: dict, count: int, seed: int) -> list[dict[str, Any]]:
