@@ -19,8 +19,8 @@ from plugin.outcome import invalid
 from plugin.pipeline import Screener
 from plugin.settings import Settings
 
-CHUNK = 256  # lines per task: large enough to amortise inter-process overhead
-IN_FLIGHT_PER_WORKER = 3
+CHUNK = 128  # lines per task: enough to amortise inter-process overhead, few enough to keep memory low
+IN_FLIGHT_PER_WORKER = 2
 READ_BLOCK = 1 << 16
 
 

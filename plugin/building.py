@@ -144,6 +144,11 @@ class BundleBuilder:
     # -- per response ----------------------------------------------------------
 
     def build(self, qr: dict, scores: Scores, now: datetime) -> dict:
+        """The transaction Bundle for one response.
+
+        It shares prepared, read-only parts with other Bundles: serialize it,
+        or deep-copy it before changing anything nested.
+        """
         status = qr.get("status")
         if status not in SCORED_STATUSES:  # in-progress or stopped: nothing is written
             return {"resourceType": "Bundle", "type": "transaction"}
