@@ -147,26 +147,26 @@ def _find_questionnaire(
 
 
 def _check_items(walk: _Walk, items: list, parent: str | None, path: str) -> None:
-    specs, seen, facts = walk.q.items, walk.seen, walk.facts
+    quick, seen, facts = walk.q.quick, walk.seen, walk.facts
     for i, item in enumerate(items):
         walk.count += 1
-        # Fast path: a well-formed answer (or none) to a known item in its place. Anything
+        # Fast path: one plainly valid answer (or none) to a known item in its place. Anything
         # unusual falls through to the slow path below, which says exactly what is wrong.
-        link_id = item.get("linkId") if type(item) is dict else None
-        spec = specs.get(link_id) if type(link_id) is str else None
-        if spec is not None and spec.accept and spec.parent == parent and link_id not in seen and "item" not in item:
-            answers = item.get("answer")
-            if not answers and (answers is None or answers == []):
-                seen.add(link_id)
-                continue
-            if type(answers) is list and len(answers) == 1:
-                answer = answers[0]
-                if type(answer) is dict and len(answer) == 1 and spec.answer_key in answer:
-                    value = spec.accept(answer[spec.answer_key])
-                    if value is not SLOW:
-                        seen.add(link_id)
-                        facts[link_id] = value
-                        continue
+        if type(item) is dict and (link_id := item.get("linkId")).__class__ is str and link_id not in seen:
+            fast = quick.get(link_id)
+            if fast is not None and fast[0] == parent and "item" not in item:
+                answers = item.get("answer")
+                if answers is None:
+                    seen.add(link_id)
+                    continue
+                if type(answers) is list and len(answers) == 1:
+                    answer = answers[0]
+                    if type(answer) is dict and len(answer) == 1 and (raw := answer.get(fast[1])) is not None:
+                        value = fast[2](raw)
+                        if value is not SLOW:
+                            seen.add(link_id)
+                            facts[link_id] = value
+                            continue
         where = f"{path}.item[{i}]"
         if walk.count > MAX_ITEMS or len(walk.issues) >= MAX_ISSUES:
             if walk.count == MAX_ITEMS + 1:  # said once; the outer loops only count on

@@ -63,6 +63,7 @@ class CompiledQuestionnaire:
     items: dict[str, ItemSpec]
     top_level: frozenset[str]
     conditional: tuple[ItemSpec, ...]  # the items that have an enableWhen
+    quick: dict[str, tuple]  # answerable linkId -> (parent, answer key, accept): the checker's hot path
 
     def answerable(self) -> dict[str, ItemSpec]:
         return {k: v for k, v in self.items.items() if v.answer_key}
@@ -72,7 +73,8 @@ def compile_questionnaire(resource: dict) -> CompiledQuestionnaire:
     items: dict[str, ItemSpec] = {}
     top = _walk(resource.get("item", []), None, items)
     conditional = tuple(spec for spec in items.values() if spec.enable_when)
-    return CompiledQuestionnaire(resource["url"], resource["version"], resource, items, top, conditional)
+    quick = {k: (v.parent, v.answer_key, v.accept) for k, v in items.items() if v.accept}
+    return CompiledQuestionnaire(resource["url"], resource["version"], resource, items, top, conditional, quick)
 
 
 def _walk(raw_items: list[dict], parent: str | None, out: dict[str, ItemSpec]) -> frozenset[str]:
