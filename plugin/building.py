@@ -17,24 +17,26 @@ import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
 from plugin import __version__, narrative, systems
-from plugin.mappings import ResultSpec, RuleSet, TaskSpec
+from plugin.mappings import INTERPRETATIONS, ResultSpec, RuleSet, TaskSpec
 from plugin.questionnaire import CompiledQuestionnaire
-from plugin.scoring import Result, Scores
+from plugin.scoring import TRUTH_WORDS, Result, Scores
 
 NAMESPACE = bytes.fromhex("5f1b2a0e8c3d4b6a9e7f10213243a5b6")  # the plugin's UUIDv5 namespace
 OBSERVATION_STATUS = {"completed": "final", "amended": "amended", "entered-in-error": "entered-in-error"}
 ACTIVITY = {"completed": "CREATE", "amended": "UPDATE", "entered-in-error": "NULLIFY"}
 SCORED_STATUSES = frozenset(OBSERVATION_STATUS)
+NOTHING_TO_WRITE = {"resourceType": "Bundle", "type": "transaction"}  # an empty transaction (shared, read-only)
 CATEGORY = [{"coding": [{"system": systems.OBS_CATEGORY, "code": "survey", "display": "Survey"}]}]
 UNKNOWN = {"coding": [{"system": systems.DATA_ABSENT, "code": "unknown", "display": "Unknown"}]}
 NOT_APPLICABLE = {"coding": [{"system": systems.DATA_ABSENT, "code": "not-applicable", "display": "Not Applicable"}]}
 INTERPRETATION = {
     code: [{"coding": [{"system": systems.INTERPRETATION, "code": code, "display": display}]}]
-    for code, display in (("POS", "Positive"), ("NEG", "Negative"), ("IND", "Indeterminate"))
+    for code, display in INTERPRETATIONS.items()
 }
 TRUTH_INTERPRETATION = {True: INTERPRETATION["POS"], False: INTERPRETATION["NEG"], None: INTERPRETATION["IND"]}
 AUTHOR = {"coding": [{"system": systems.PROVENANCE_TYPE, "code": "author", "display": "Author"}]}
@@ -63,12 +65,17 @@ def concept(system: str, code: str, display: str) -> dict:
 
 
 def response_key(qr: dict) -> str:
-    """What identifies a response across replays and amendments: identifier, else id, else its content."""
+    """What identifies a response across replays and amendments: identifier, else id, else its content.
+
+    The patient is part of it, so a response that reuses another patient's
+    id or identifier can never reach that patient's results.
+    """
+    subject = qr["subject"]["reference"]
     ident = qr.get("identifier")
     if isinstance(ident, dict) and ident.get("value"):
-        return f"identifier:{ident.get('system', '')}|{ident['value']}"
+        return f"{subject}|identifier:{ident.get('system', '')}|{ident['value']}"
     if qr.get("id"):
-        return f"id:{qr['id']}"
+        return f"{subject}|id:{qr['id']}"
     content = {k: v for k, v in qr.items() if k not in ("id", "meta", "text", "status")}
     return "content:" + hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
@@ -102,7 +109,7 @@ class BundleBuilder:
             for code, v in rule_set.values.items()
         }
         self.parts = [self._parts(spec) for spec in rule_set.emitted(self.strategy)]
-        self.tag = {"tag": [{"system": systems.RULE_SET_TAG, "code": rule_set.tag}]}
+        self.tags = [{"system": systems.RULE_SET_TAG, "code": rule_set.tag}]
         self.device = self._device(plugin_version)
         self.device_ref = {"reference": self.device["fullUrl"], "display": "backpain-screen"}
         self.tasks = {t.id: concept(t.code["system"], t.code["code"], t.code["display"]) for t in rule_set.tasks}
@@ -149,9 +156,9 @@ class BundleBuilder:
         It shares prepared, read-only parts with other Bundles: serialize it,
         or deep-copy it before changing anything nested.
         """
-        status = qr.get("status")
+        status = qr["status"]
         if status not in SCORED_STATUSES:  # in-progress or stopped: nothing is written
-            return {"resourceType": "Bundle", "type": "transaction"}
+            return NOTHING_TO_WRITE
         key = response_key(qr)
         when = instant(now)
         qr_entry, qr_ref = self._response_entry(qr, key)
@@ -170,6 +177,7 @@ class BundleBuilder:
 
     def _response_entry(self, qr: dict, key: str) -> tuple[dict, dict]:
         resource = dict(qr)
+        resource.pop("text", None)  # the caller's narrative is not ours to vouch for: the server regenerates it
         if qr.get("id"):
             url = f"QuestionnaireResponse/{qr['id']}"
             entry = _entry(uuid5(f"qr|{key}"), resource, {"method": "PUT", "url": url})
@@ -178,7 +186,7 @@ class BundleBuilder:
         if not (isinstance(ident, dict) and isinstance(ident.get("value"), str) and ident["value"]):
             ident = {"system": systems.SID_QR, "value": uuid5(key)}
             resource["identifier"] = ident
-        search = f"{ident['system']}|{ident['value']}" if ident.get("system") else ident["value"]
+        search = token(ident.get("system"), ident["value"])
         request = {"method": "POST", "url": "QuestionnaireResponse", "ifNoneExist": f"identifier={search}"}
         entry = _entry(uuid5(f"qr|{key}"), resource, request)
         return entry, {"reference": entry["fullUrl"]}
@@ -188,7 +196,7 @@ class BundleBuilder:
         oid = uuid5(f"{ctx.key}|{spec.code}")
         obs: dict[str, Any] = {
             "resourceType": "Observation",
-            "meta": self.tag,
+            "meta": {"tag": self.tags},
             "identifier": [{"system": systems.SID_OBSERVATION, "value": oid}],
             "status": ctx.status,
             "category": CATEGORY,
@@ -249,7 +257,7 @@ class BundleBuilder:
         if spec.positive_at_least is None:
             return narrative.escape(f"{counted}.")
         obs["interpretation"] = TRUTH_INTERPRETATION[result.truth]
-        word = {True: "positive", False: "negative", None: "indeterminate"}[result.truth]
+        word = TRUTH_WORDS[result.truth]
         needs = f"{spec.positive_at_least} or more needed"
         if result.applies is None:
             needs += f"; applies to: {spec.applies_text}, which is not known"
@@ -300,9 +308,12 @@ class BundleBuilder:
         reason = scores.results[scores.strategy if spec.reason == "strategy" else spec.reason]
         met = [c.text for c, t in zip(reason.spec.criteria, reason.criteria) if t is True]
         description = spec.description + (" Criteria met: " + "; ".join(met) + "." if met else "")
+        if reason.spec.kind == "flags":  # a reviewer must ask about the flags the patient left blank
+            blank = [c.text for c, t in zip(reason.spec.criteria, reason.criteria) if t is None]
+            description += " Not answered, ask the patient: " + "; ".join(blank) + "." if blank else ""
         task: dict[str, Any] = {
             "resourceType": "Task",
-            "meta": self.tag,
+            "meta": {"tag": self.tags},
             "identifier": [{"system": systems.SID_TASK, "value": tid}],
             "status": "requested",
             "intent": "proposal",
@@ -326,8 +337,8 @@ class BundleBuilder:
         pid = uuid5(f"{ctx.key}|provenance|{status}|{self.rule_set.tag}|{self.strategy}|{digest}")
         resource = {
             "resourceType": "Provenance",
-            "meta": {"tag": [*self.tag["tag"], {"system": systems.SID_PROVENANCE, "code": pid}]},
-            "target": [_ref(e) for e in written],
+            "meta": {"tag": [*self.tags, {"system": systems.SID_PROVENANCE, "code": pid}]},
+            "target": [ctx.qr_ref, *(_ref(e) for e in written[1:])],
             "recorded": ctx.now,
             "policy": [f"{systems.RULE_SET_POLICY}/{self.rule_set.id}|{self.rule_set.version}"],
             "activity": {"coding": [{"system": systems.DATA_OPERATION, "code": ACTIVITY[status]}]},
@@ -396,6 +407,16 @@ def _link_members(observations: list[dict], specs: list[ResultSpec]) -> None:
     for entry, spec in zip(observations, specs):
         if spec.members:
             entry["resource"]["hasMember"] = members
+
+
+def token(system: str | None, value: str) -> str:
+    """A token search value from caller data: FHIR-escaped, then URL-encoded (ours are UUIDs and need neither)."""
+
+    def escape(text: str) -> str:
+        return text.replace("\\", "\\\\").replace("|", "\\|").replace(",", "\\,").replace("$", "\\$")
+
+    joined = f"{escape(system)}|{escape(value)}" if system else escape(value)
+    return quote(joined, safe=":/|")
 
 
 def _entry(uuid: str, resource: dict, request: dict) -> dict:

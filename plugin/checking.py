@@ -26,18 +26,29 @@ DATETIME = re.compile(
 )
 PATIENT_REF = re.compile(r"(.*/)?Patient/[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?|urn:uuid:[0-9a-f\-]{36}")
 ROOT = "QuestionnaireResponse"
+# The top-level elements of an R4 QuestionnaireResponse and their JSON shape: the response
+# is written back as it came, so a wrong shape here would fail the whole transaction later.
+# (object = checked more closely on its own below).
+ELEMENTS: dict[str, type] = {
+    "meta": dict, "implicitRules": str, "language": str, "text": dict, "contained": list, "extension": list,
+    "modifierExtension": list, "identifier": dict, "basedOn": list, "partOf": list, "author": dict,
+    "source": dict, **dict.fromkeys(
+        ("resourceType", "id", "questionnaire", "status", "subject", "encounter", "authored", "item"), object),
+}
+KIND_NAMES = {str: "string", dict: "object", list: "array"}
 
 
 class _Walk:
     """State of one check: the Questionnaire, what was found, what is wrong."""
 
-    __slots__ = ("count", "facts", "issues", "q", "seen")
+    __slots__ = ("bad", "count", "facts", "issues", "q", "seen")
 
     def __init__(self, q: CompiledQuestionnaire) -> None:
         self.q = q
         self.facts: dict[str, Any] = {}
         self.issues: list[Issue] = []
         self.seen: set[str] = set()
+        self.bad: set[str] = set()  # items whose answer was wrong: their enableWhen dependants are not judged
         self.count = 0
 
     def problem(self, code: str, text: str, where: str) -> None:
@@ -63,11 +74,12 @@ def check_response(
         _check_items(walk, items, None, ROOT)
     else:
         walk.problem("structure", "item must be a list.", f"{ROOT}.item")
-    if not walk.issues:
-        _check_enabled(walk, qr)
-    elif len(walk.issues) >= MAX_ISSUES and count_items(items, MAX_ITEMS + 1) > MAX_ITEMS:
-        walk.issues.insert(0, Issue("too-costly", f"More than {MAX_ITEMS} items: not a response to this form.",
-                                    f"{ROOT}.item"))
+    if len(walk.issues) < MAX_ISSUES:
+        _check_enabled(walk, qr)  # on the answers that passed, so every problem shows at once
+    else:
+        if count_items(items, MAX_ITEMS + 1) > MAX_ITEMS:
+            walk.issues.insert(0, Issue("too-costly", f"More than {MAX_ITEMS} items: not a response to this form.",
+                                        f"{ROOT}.item"))
     issues += walk.issues
     if issues:
         raise InvalidInput(issues[:MAX_ISSUES])
@@ -92,7 +104,7 @@ def _name(value: Any) -> str:
 
 
 def _check_header(qr: dict) -> list[Issue]:
-    issues: list[Issue] = []
+    issues = [issue for key, value in qr.items() if (issue := _element_shape(key, value))]
     status = qr.get("status")
     if status is None:
         issues.append(Issue("required", "status is missing.", f"{ROOT}.status"))
@@ -116,6 +128,17 @@ def _check_header(qr: dict) -> list[Issue]:
     if authored is not None and not (isinstance(authored, str) and DATETIME.fullmatch(authored)):
         issues.append(Issue("value", "authored is not a valid FHIR dateTime.", f"{ROOT}.authored"))
     return issues
+
+
+def _element_shape(key: str, value: Any) -> Issue | None:
+    """A top-level element that R4 does not define, or of the wrong JSON shape."""
+    primitive_extension = key.startswith("_") and key[1:] in ELEMENTS
+    kind = dict if primitive_extension else ELEMENTS.get(key)
+    if kind is None:
+        return Issue("structure", f"{_name(key)} is not an element of a QuestionnaireResponse.", ROOT)
+    if not isinstance(value, kind):
+        return Issue("structure", f"{key} must be a JSON {KIND_NAMES[kind]}.", f"{ROOT}.{key}")
+    return None
 
 
 def _get(value: Any, key: str) -> Any:
@@ -181,7 +204,10 @@ def _check_items(walk: _Walk, items: list, parent: str | None, path: str) -> Non
         if spec.answer_key is None:
             _check_group(walk, spec, item, where)
         else:
+            before = len(walk.issues)
             _check_answers(walk, spec, item, where)
+            if len(walk.issues) > before:
+                walk.bad.add(spec.link_id)
 
 
 def _item_spec(walk: _Walk, item: dict, parent: str | None, where: str) -> ItemSpec | None:
@@ -283,6 +309,8 @@ def _choice(walk: _Walk, spec: ItemSpec, coding: Any, where: str) -> str | None:
 def _check_enabled(walk: _Walk, qr: dict) -> None:
     """An answer to an item that its enableWhen disables contradicts another answer."""
     for spec in walk.q.conditional:
+        if any(c.question in walk.bad for c in spec.enable_when):
+            continue  # its controlling answer is already reported as wrong
         if spec.link_id in walk.facts and not is_enabled(spec, walk.facts):
             walk.problem("business-rule", f"Item {spec.link_id!r} is answered, but its enableWhen disables it "
                          "given the other answers.", find_item(qr.get("item", []), spec.link_id, ROOT))

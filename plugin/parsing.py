@@ -21,6 +21,7 @@ FHIR_NS = "http://hl7.org/fhir"
 MAX_XML_DEPTH = 64
 DECLARATION = re.compile(rb"<!(DOCTYPE|ENTITY)", re.IGNORECASE)
 NO_DTD = "XML with a DOCTYPE or entity declarations is not accepted."
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def xml_parser() -> etree.XMLParser:
@@ -34,7 +35,7 @@ def xml_parser() -> etree.XMLParser:
 def is_xml(body: bytes, content_type: str | None) -> bool:
     if content_type:
         return "xml" in content_type.lower()
-    return body.lstrip()[:1] == b"<"
+    return body.removeprefix(UTF8_BOM).lstrip()[:1] == b"<"
 
 
 def parse_body(body: bytes, content_type: str | None = None, max_bytes: int = MAX_BODY_BYTES) -> Any:
@@ -47,7 +48,7 @@ def parse_body(body: bytes, content_type: str | None = None, max_bytes: int = MA
 
 def parse_json(body: bytes) -> Any:
     try:
-        return orjson.loads(body)
+        return orjson.loads(body.removeprefix(UTF8_BOM))  # editors on Windows often add one
     except orjson.JSONDecodeError as error:
         reason = "it is nested too deeply" if "recursion" in str(error) else f"{error.msg} at position {error.pos}"
         raise invalid("structure", f"The body is not valid JSON: {reason}.") from None

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from plugin import data
-from plugin.building import BundleBuilder
+from plugin.building import NOTHING_TO_WRITE, SCORED_STATUSES, BundleBuilder
 from plugin.checking import check_response
 from plugin.mappings import RuleSet, load_rule_set
 from plugin.outcome import InvalidInput, invalid
@@ -71,12 +71,10 @@ class Screener:
         """Check, score and build; raises InvalidInput with every problem found."""
         q, facts = self.check(qr)
         _must_serialize(qr)
-        rules = self.rule_sets[q.url]
-        builder = self.builders[q.url]
-        if qr["status"] not in ("completed", "amended", "entered-in-error"):
-            return Outcome(builder.build(qr, None, self.clock()), qr["status"], None)  # type: ignore[arg-type]
-        scores = score(rules, facts, self.settings.strategy)
-        return Outcome(builder.build(qr, scores, self.clock()), scores.outcome_label(), scores)
+        if qr["status"] not in SCORED_STATUSES:  # in-progress or stopped: nothing to score or write
+            return Outcome(NOTHING_TO_WRITE, qr["status"], None)
+        scores = score(self.rule_sets[q.url], facts, self.settings.strategy)
+        return Outcome(self.builders[q.url].build(qr, scores, self.clock()), scores.outcome_label(), scores)
 
     def process_body(self, body: bytes, content_type: str | None = None) -> Outcome:
         return self.process(parse_body(body, content_type, self.settings.max_body_bytes))

@@ -31,7 +31,6 @@ class EnableWhen:
 class ItemSpec:
     link_id: str
     type: str
-    text: str
     parent: str | None
     code: dict | None = None  # the item's first item.code Coding
     repeats: bool = False
@@ -41,7 +40,6 @@ class ItemSpec:
     maximum: int | float | None = None
     enable_when: tuple[EnableWhen, ...] = ()
     enable_all: bool = True  # enableBehavior: all (default) or any
-    children: frozenset[str] = frozenset()
     accept: Callable[[Any], Any] | None = None  # value[x] -> the fact, or SLOW; for the hot path
 
     @classmethod
@@ -59,9 +57,7 @@ class ItemSpec:
 class CompiledQuestionnaire:
     url: str
     version: str
-    resource: dict
     items: dict[str, ItemSpec]
-    top_level: frozenset[str]
     conditional: tuple[ItemSpec, ...]  # the items that have an enableWhen
     quick: dict[str, tuple]  # answerable linkId -> (parent, answer key, accept): the checker's hot path
 
@@ -71,25 +67,24 @@ class CompiledQuestionnaire:
 
 def compile_questionnaire(resource: dict) -> CompiledQuestionnaire:
     items: dict[str, ItemSpec] = {}
-    top = _walk(resource.get("item", []), None, items)
+    _walk(resource.get("item", []), None, items)
     conditional = tuple(spec for spec in items.values() if spec.enable_when)
     quick = {k: (v.parent, v.answer_key, v.accept) for k, v in items.items() if v.accept}
-    return CompiledQuestionnaire(resource["url"], resource["version"], resource, items, top, conditional, quick)
+    return CompiledQuestionnaire(resource["url"], resource["version"], items, conditional, quick)
 
 
-def _walk(raw_items: list[dict], parent: str | None, out: dict[str, ItemSpec]) -> frozenset[str]:
+def _walk(raw_items: list[dict], parent: str | None, out: dict[str, ItemSpec]) -> None:
     for raw in raw_items:
         link_id, kind = raw["linkId"], raw["type"]
         if link_id in out:
             raise ValueError(f"duplicate linkId {link_id!r} in Questionnaire")
         if kind not in ANSWER_KEYS and kind not in ("group", "display"):
             raise ValueError(f"item {link_id!r}: type {kind!r} is not supported")
-        children = _walk(raw.get("item", []), link_id, out)
+        _walk(raw.get("item", []), link_id, out)
         extensions = {e["url"]: e for e in raw.get("extension", [])}
         out[link_id] = ItemSpec.make(
             link_id=link_id,
             type=kind,
-            text=raw.get("text", link_id),
             parent=parent,
             code=(raw.get("code") or [None])[0],
             repeats=raw.get("repeats", False),
@@ -99,9 +94,7 @@ def _walk(raw_items: list[dict], parent: str | None, out: dict[str, ItemSpec]) -
             maximum=_bound(extensions.get(MAX_VALUE)),
             enable_when=tuple(_enable_when(e) for e in raw.get("enableWhen", [])),
             enable_all=raw.get("enableBehavior", "all") == "all",
-            children=children,
         )
-    return frozenset(r["linkId"] for r in raw_items)
 
 
 def _acceptor(spec: ItemSpec) -> Callable[[Any], Any] | None:

@@ -190,6 +190,8 @@ def _result(node: dict, scope: Scope, where: str) -> Predicate:
         raise MappingError(f"{where}: no result {code!r} defined before this rule")
     scope.referenced.add(code)
     if "is" not in node:
+        if scope.results.get(code) == "decision":
+            raise MappingError(f"{where}: a decision has a value, not a truth: say `is: <value>`")
 
         def truth(ev: Evaluation) -> Truth:
             return ev.results[ev.strategy if code == "strategy" else code].truth

@@ -15,6 +15,7 @@ from plugin.mappings import ResultSpec, RuleSet, TaskSpec, Then
 from plugin.rules import Evaluation, Truth, all_of, any_of, count_at_least
 
 NOTHING: frozenset[str] = frozenset()
+TRUTH_WORDS = {True: "positive", False: "negative", None: "indeterminate"}
 
 
 @dataclass(slots=True)
@@ -50,7 +51,7 @@ class Scores:
         result = self.outcome
         if result.spec.kind == "decision":
             return result.value
-        return {True: "positive", False: "negative", None: "indeterminate"}[result.truth]
+        return TRUTH_WORDS[result.truth]
 
 
 def score(rule_set: RuleSet, facts: dict[str, Any], strategy: str | None = None) -> Scores:

@@ -775,3 +775,48 @@ def test_existing_identifier_is_kept() -> None:
     entry = resources(screener().process(qr).bundle, "QuestionnaireResponse")[0]
     assert entry["resource"]["identifier"] == ident
     assert entry["request"]["ifNoneExist"] == "identifier=urn:example:portal|resp-42"
+
+
+# ------------------------------------------------------------------ identity, references, safety
+
+
+def test_another_patient_reusing_a_response_id_never_reaches_the_first_patients_results() -> None:
+    answers = {"pain-duration": "1y-5y", "onset-age": 30, "better-with-exercise": True}
+    first = screener().process(make_qr(answers, id="shared-id")).bundle
+    other = screener().process(make_qr(answers, id="shared-id", subject={"reference": "Patient/other"})).bundle
+    assert not (identifiers(first) - {"urn:uuid:"}) & identifiers(other)
+
+
+def test_provenance_targets_the_response_as_the_results_reference_it() -> None:
+    bundle = screener().process(make_qr({"pain-duration": "lt-6w"}, id="qr-1")).bundle
+    (provenance,) = resources(bundle, "Provenance")
+    targets = [t["reference"] for t in provenance["resource"]["target"]]
+    assert targets[0] == "QuestionnaireResponse/qr-1"
+    for entry in observations(bundle).values():
+        assert entry["resource"]["derivedFrom"] == [{"reference": "QuestionnaireResponse/qr-1"}]
+        assert entry["fullUrl"] in targets
+
+
+def test_the_callers_narrative_is_not_written_back() -> None:
+    text = {"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml"><script>x()</script></div>'}
+    bundle = screener().process(make_qr({"pain-duration": "lt-6w"}, text=text)).bundle
+    (qr_entry,) = resources(bundle, "QuestionnaireResponse")
+    assert "text" not in qr_entry["resource"]
+
+
+def test_a_callers_identifier_is_escaped_in_the_conditional_create() -> None:
+    ident = {"system": "http://portal.example/ids", "value": "a&b,c|d"}
+    bundle = screener().process(make_qr({"pain-duration": "lt-6w"}, identifier=ident)).bundle
+    (qr_entry,) = resources(bundle, "QuestionnaireResponse")
+    assert qr_entry["resource"]["identifier"] == ident  # kept as the caller sent it
+    assert qr_entry["request"]["ifNoneExist"] == "identifier=http://portal.example/ids|a%26b%5C%2Cc%5C|d"
+
+
+def test_red_flag_review_names_the_flags_left_unanswered() -> None:
+    answers = {flag: False for flag in RED_FLAG_ITEMS} | {"rf-fever": True, "rf-saddle-numbness": None}
+    bundle = screener().process(make_qr(answers | {"onset-age": 30})).bundle
+    (task,) = resources(bundle, "Task")
+    description = task["resource"]["description"]
+    assert task["resource"]["priority"] == "urgent"
+    assert "Fever, chills or night sweats" in description.split("Not answered")[0]
+    assert "Not answered, ask the patient: Saddle numbness or tingling." in description

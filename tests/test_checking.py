@@ -1097,3 +1097,43 @@ def test_summary_is_one_sentence():
     summary = error.summary()
     assert summary.count(". ") == 0
     assert re.fullmatch(r"[^\n]+\.", summary)
+
+
+# ------------------------------------------------------------- the response is written back as it came
+
+
+@pytest.mark.parametrize(
+    ("element", "value"),
+    [("identifier", [{"value": "x"}]), ("identifier", "x"), ("meta", "v1"), ("text", "<div/>"),
+     ("extension", {"url": "x"}), ("basedOn", {"reference": "ServiceRequest/1"})],
+)
+def test_top_level_element_of_the_wrong_shape(element, value):
+    issue = single(reject(full() | {element: value}))
+    assert issue.code == "structure" and issue.expression == f"{QR}.{element}"
+
+
+def test_element_that_r4_does_not_define():
+    issue = single(reject(full() | {"colour": "blue"}))
+    assert "'colour' is not an element" in issue.diagnostics
+    assert accept(full() | {"_authored": {"extension": []}, "language": "en-GB"})
+
+
+def test_enable_when_conflict_is_reported_with_the_other_problems():
+    qr = full(night_pain=False, night_pain_eases_on_rising=True, night_waking_second_half=None)
+    onset, _ = locate(qr, "onset-age")
+    onset["answer"] = [{"valueInteger": 500}]
+    codes = sorted(i.code for i in reject(qr).issues)
+    assert codes == ["business-rule", "value"]
+
+
+def test_a_wrong_controlling_answer_does_not_cascade_into_its_dependants():
+    qr = full(night_pain=True, night_pain_eases_on_rising=True, night_waking_second_half=True)
+    night, where = locate(qr, "night-pain")
+    night["answer"] = [{"valueString": "yes"}]
+    assert [i.expression for i in reject(qr).issues] == [f"{where}.answer[0]"]
+
+
+def test_json_with_a_byte_order_mark_is_read():
+    body = b"\xef\xbb\xbf" + orjson.dumps(full())
+    assert SCREENER.process_body(body).bundle["type"] == "transaction"
+    assert SCREENER.process_body(body, "application/fhir+json").bundle["type"] == "transaction"

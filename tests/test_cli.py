@@ -157,3 +157,15 @@ def test_batch_memory_stays_flat(tmp_path):
         peaks[n] = _peak_rss_mb([*CLI, "batch", str(source), "-o", os.devnull])
     assert peaks[40_000] < 200, peaks
     assert peaks[40_000] - peaks[4_000] < 20, peaks
+
+
+def test_batch_into_a_closed_pipe_stops_quietly(tmp_path):
+    source = tmp_path / "in.ndjson"
+    source.write_bytes(_ndjson(400))
+    reader = subprocess.Popen(["head", "-c", "10"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    done = subprocess.run([*CLI, "batch", str(source), "-o", "-"], stdout=reader.stdin, stderr=subprocess.PIPE,
+                          cwd=ROOT, timeout=120, check=False)
+    reader.stdin.close()
+    reader.wait()
+    assert done.returncode == 0
+    assert b"Traceback" not in done.stderr

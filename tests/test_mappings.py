@@ -57,6 +57,7 @@ def test_the_shipped_rules_load():
          "is a strategy: refer to it as `strategy`"),
         (lambda raw: raw["strategies"].update(default="nice-2099"), "strategies.default"),
         (lambda raw: result(raw, "red-flags")["criteria"][0].pop("urgency"), "flags need an urgency"),
+        (lambda raw: raw["tasks"][0].update(when={"result": "screening-outcome"}), "say `is: <value>`"),
     ],
 )
 def test_broken_rules_are_refused_with_a_message_naming_the_problem(edit, words):
