@@ -349,12 +349,13 @@ def test_no_resource_type():
     assert single(reject(qr)).code in {"invalid", "required", "structure"}
 
 
-def test_missing_questionnaire():
+@pytest.mark.parametrize("element", ["questionnaire", "status", "subject"])
+def test_missing_required_element(element):
     qr = full()
-    del qr["questionnaire"]
+    del qr[element]
     issue = single(reject(qr))
     assert issue.code == "required"
-    assert points_at(issue.expression, f"{QR}.questionnaire")
+    assert points_at(issue.expression, f"{QR}.{element}")
 
 
 @pytest.mark.parametrize("canonical", [
@@ -397,22 +398,6 @@ def test_unknown_status_as_a_json_array():
     body = orjson.dumps(full() | {"status": ["completed"]})
     issue = single(reject(body=body, content_type=JSON))
     assert issue.expression == f"{QR}.status"
-
-
-def test_missing_status():
-    qr = full()
-    del qr["status"]
-    issue = single(reject(qr))
-    assert issue.code == "required"
-    assert issue.expression == f"{QR}.status"
-
-
-def test_missing_subject():
-    qr = full()
-    del qr["subject"]
-    issue = single(reject(qr))
-    assert issue.code == "required"
-    assert points_at(issue.expression, f"{QR}.subject")
 
 
 @pytest.mark.parametrize("subject", [
