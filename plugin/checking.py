@@ -36,6 +36,9 @@ ELEMENTS: dict[str, type] = {
         ("resourceType", "id", "questionnaire", "status", "subject", "encounter", "authored", "item"), object),
 }
 KIND_NAMES = {str: "string", dict: "object", list: "array"}
+ITEM_KEYS = frozenset({"id", "extension", "modifierExtension", "linkId", "definition", "text", "answer", "item",
+                       "_linkId", "_definition", "_text"})
+ANSWERED_ITEM_KEYS = ITEM_KEYS - {"item"}
 
 
 class _Walk:
@@ -177,7 +180,7 @@ def _check_items(walk: _Walk, items: list, parent: str | None, path: str) -> Non
         # unusual falls through to the slow path below, which says exactly what is wrong.
         if type(item) is dict and (link_id := item.get("linkId")).__class__ is str and link_id not in seen:
             fast = quick.get(link_id)
-            if fast is not None and fast[0] == parent and "item" not in item:
+            if fast is not None and fast[0] == parent and "item" not in item and ANSWERED_ITEM_KEYS.issuperset(item):
                 answers = item.get("answer")
                 if answers is None:
                     seen.add(link_id)
@@ -227,6 +230,11 @@ def _item_spec(walk: _Walk, item: dict, parent: str | None, where: str) -> ItemS
         walk.problem("duplicate", f"Item {link_id!r} appears more than once.", where)
         return None
     walk.seen.add(link_id)
+    unknown = [key for key in item if key not in ITEM_KEYS]
+    if unknown:
+        names = ", ".join(_name(key) for key in unknown[:5])
+        walk.problem("structure", f"Item {link_id!r} has elements a QuestionnaireResponse item does not define: "
+                     f"{names}.", where)
     return spec
 
 

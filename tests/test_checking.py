@@ -1122,3 +1122,14 @@ def test_json_with_a_byte_order_mark_is_read():
     body = b"\xef\xbb\xbf" + orjson.dumps(full())
     assert SCREENER.process_body(body).bundle["type"] == "transaction"
     assert SCREENER.process_body(body, "application/fhir+json").bundle["type"] == "transaction"
+
+
+def test_item_element_that_r4_does_not_define():
+    qr = full()
+    onset, where = locate(qr, "onset-age")
+    onset["colour"] = "blue"
+    issue = single(reject(qr))
+    assert issue.code == "structure" and issue.expression == where and "'colour'" in issue.diagnostics
+    onset.pop("colour")
+    onset["definition"] = "http://example.org/onset"  # a defined element is fine
+    accept(qr)
