@@ -79,10 +79,9 @@ def check_response(
         walk.problem("structure", "item must be a list.", f"{ROOT}.item")
     if len(walk.issues) < MAX_ISSUES:
         _check_enabled(walk, qr)  # on the answers that passed, so every problem shows at once
-    else:
-        if count_items(items, MAX_ITEMS + 1) > MAX_ITEMS:
-            walk.issues.insert(0, Issue("too-costly", f"More than {MAX_ITEMS} items: not a response to this form.",
-                                        f"{ROOT}.item"))
+    elif count_items(items, MAX_ITEMS + 1) > MAX_ITEMS:
+        walk.issues.insert(0, Issue("too-costly", f"More than {MAX_ITEMS} items: not a response to this form.",
+                                    f"{ROOT}.item"))
     issues += walk.issues
     if issues:
         raise InvalidInput(issues[:MAX_ISSUES])
