@@ -179,7 +179,7 @@ def _check_items(walk: _Walk, items: list, parent: str | None, path: str) -> Non
         # unusual falls through to the slow path below, which says exactly what is wrong.
         if type(item) is dict and (link_id := item.get("linkId")).__class__ is str and link_id not in seen:
             fast = quick.get(link_id)
-            if fast is not None and fast[0] == parent and "item" not in item and ANSWERED_ITEM_KEYS.issuperset(item):
+            if fast is not None and fast[0] == parent and ANSWERED_ITEM_KEYS.issuperset(item):
                 answers = item.get("answer")
                 if answers is None:
                     seen.add(link_id)
