@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from contextlib import ExitStack
@@ -13,17 +14,20 @@ import orjson
 
 from plugin import __version__
 from plugin.batch import run_batch, summary
+from plugin.fhir_client import FhirClient, FhirError, bearer
 from plugin.outcome import InvalidInput, invalid
-from plugin.pipeline import Screener
+from plugin.pipeline import Outcome, Screener
 from plugin.settings import Settings
+from plugin.writeback import Written, publish, submit
 
+EXIT_SERVER = 1  # the FHIR server refused or could not be reached
 EXIT_BAD_INPUT = 2
 STRATEGIES = ("asas-2015", "nice-ng65")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = Settings(strategy=args.strategy)
+    settings = Settings(strategy=getattr(args, "strategy", None))  # publish has no strategy
     try:
         return args.run(args, settings)
     except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as Unix tools do
@@ -50,7 +54,83 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     _strategy(batch)
     batch.set_defaults(run=_batch)
+
+    publish = commands.add_parser("publish", help="put the Questionnaires, CodeSystems and Device on a FHIR server")
+    _server(publish)
+    publish.set_defaults(run=_publish)
+
+    submit = commands.add_parser("submit", help="score a response and write it with its results to a FHIR server")
+    submit.add_argument("file", help="a QuestionnaireResponse in FHIR JSON or XML; - reads standard input")
+    _server(submit)
+    _strategy(submit)
+    submit.set_defaults(run=_submit)
     return parser
+
+
+def _server(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fhir-base-url", default=os.environ.get("FHIR_BASE_URL"),
+                        help="the FHIR server's base URL (default: $FHIR_BASE_URL)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
+
+
+def _client(args: argparse.Namespace) -> FhirClient:
+    token = os.environ.get("FHIR_BEARER_TOKEN")
+    return FhirClient(args.fhir_base_url, token=bearer(token) if token else None, timeout=args.timeout)
+
+
+def _publish(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.fhir_base_url:
+        return _usage("publish needs --fhir-base-url (or FHIR_BASE_URL).")
+
+    async def run() -> list[Written]:
+        async with _client(args) as client:
+            return await publish(client, Screener(settings))
+
+    try:
+        written = asyncio.run(run())
+    except FhirError as error:
+        print(f"backpain-screen: {error}", file=sys.stderr)
+        return EXIT_SERVER
+    _print_json({"published": [w.location for w in written]})
+    print(f"backpain-screen: published {len(written)} resources.", file=sys.stderr)
+    return 0
+
+
+def _submit(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.fhir_base_url:
+        return _usage("submit needs --fhir-base-url (or FHIR_BASE_URL).")
+    screener = Screener(settings)
+
+    async def run() -> tuple[Outcome, list[Written]]:
+        body, content_type = _read(args.file, settings.max_body_bytes)
+        outcome = screener.process_body(body, content_type)
+        async with _client(args) as client:
+            return outcome, await submit(client, outcome)
+
+    try:
+        outcome, written = asyncio.run(run())
+    except InvalidInput as error:
+        _print_json(error.to_fhir())
+        print(f"backpain-screen: {error.summary()}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except FhirError as error:
+        print(f"backpain-screen: {error} Nothing was written.", file=sys.stderr)
+        return EXIT_SERVER
+    _print_json({"outcome": outcome.label, "written": [{"resource": w.location, "status": w.status}
+                                                       for w in written]})
+    created = sum(w.status == "201" for w in written)
+    print(f"backpain-screen: outcome {outcome.label}; {created} created, {len(written) - created} already there "
+          "or updated.", file=sys.stderr)
+    return 0
+
+
+def _usage(message: str) -> int:
+    print(f"backpain-screen: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _print_json(value: dict) -> None:
+    sys.stdout.buffer.write(orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n")
 
 
 def _strategy(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,175 @@
+"""A FHIR R4 REST client on httpx: timeouts, retries, clear errors, paging, bounded concurrency.
+
+Retries (exponential backoff with full jitter, honouring Retry-After) are
+for 429, 5xx and connection failures only; any other 4xx is the caller's
+problem and is raised at once as a `FhirError` carrying the server's
+OperationOutcome. Every write the plugin makes is idempotent (conditional
+creates on deterministic identifiers, conditional updates), so retrying a
+write whose answer was lost is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+import orjson
+
+FHIR_JSON = "application/fhir+json"
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+# Where an Authorization header comes from: a fixed bearer token now, SMART Backend Services later.
+TokenSource = Callable[[], Awaitable[str]]
+
+
+class FhirError(Exception):
+    """The server refused a request, or could not be reached. `status` is None when it never answered."""
+
+    def __init__(self, message: str, status: int | None = None, outcome: dict | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.outcome = outcome
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int = 5  # tries in all, the first included
+    base_delay: float = 0.2  # seconds; doubles each retry
+    max_delay: float = 30.0  # longest wait, including a Retry-After
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.max_delay)
+        return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))  # full jitter
+
+
+def bearer(token: str) -> TokenSource:
+    async def source() -> str:
+        return token
+
+    return source
+
+
+class FhirClient:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: TokenSource | None = None,
+        timeout: float = 30.0,
+        retry: RetryPolicy = RetryPolicy(),
+        concurrency: int = 8,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.retry = retry
+        self.slots = asyncio.Semaphore(concurrency)
+        self.http = httpx.AsyncClient(
+            base_url=self.base_url, timeout=timeout, transport=transport,
+            headers={"Accept": FHIR_JSON, "User-Agent": "backpain-screen"},
+        )
+
+    async def __aenter__(self) -> FhirClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.http.aclose()
+
+    # -- the REST verbs the plugin uses ------------------------------------------
+
+    async def read(self, reference: str) -> dict | None:
+        """The resource at `Type/id`, or None if the server has no such resource."""
+        try:
+            return await self.request("GET", reference)
+        except FhirError as error:
+            if error.status in (404, 410):
+                return None
+            raise
+
+    async def transaction(self, bundle: dict) -> dict:
+        return await self.request("POST", "", body=bundle)
+
+    async def search(self, resource_type: str, params: dict[str, str]) -> AsyncIterator[dict]:
+        """Every matching resource, following the server's `next` links page by page."""
+        page = await self.request("GET", resource_type, params=params)
+        while True:
+            for entry in page.get("entry", []):
+                if entry.get("search", {}).get("mode", "match") == "match":
+                    yield entry["resource"]
+            following = next((link["url"] for link in page.get("link", []) if link.get("relation") == "next"), None)
+            if not following:
+                return
+            page = await self.request("GET", following)
+
+    # -- one request, with retries ---------------------------------------------------
+
+    async def request(
+        self, method: str, path: str, *, body: dict | None = None, params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> dict:
+        content = orjson.dumps(body) if body is not None else None
+        all_headers = {"Content-Type": FHIR_JSON} if content is not None else {}
+        all_headers.update(headers or {})
+        if self.token:
+            all_headers["Authorization"] = f"Bearer {await self.token()}"
+        url = path if path.startswith("http") else f"{self.base_url}/{path}" if path else self.base_url
+        async with self.slots:
+            response = await self._send(method, url, content, params, all_headers)
+        if response.status_code >= 400:
+            raise _error(method, url, response)
+        return orjson.loads(response.content) if response.content else {}
+
+    async def _send(self, method: str, url: str, content: bytes | None, params: dict[str, str] | None,
+                    headers: dict[str, str]) -> httpx.Response:
+        for attempt in range(self.retry.attempts):
+            last_try = attempt == self.retry.attempts - 1
+            try:
+                response = await self.http.request(method, url, content=content, params=params, headers=headers)
+            except httpx.TransportError as error:
+                if last_try:
+                    raise FhirError(f"The FHIR server at {self.base_url} could not be reached: "
+                                    f"{type(error).__name__}.") from None
+                await asyncio.sleep(self.retry.delay(attempt, None))
+                continue
+            if response.status_code not in RETRY_STATUSES or last_try:
+                return response
+            await asyncio.sleep(self.retry.delay(attempt, retry_after(response)))
+        raise AssertionError("unreachable")  # the loop always returns or raises on its last try
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """Retry-After in seconds (a number, or an HTTP date), if the server gave one."""
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+def _error(method: str, url: str, response: httpx.Response) -> FhirError:
+    outcome: Any = None
+    with contextlib.suppress(orjson.JSONDecodeError):
+        outcome = orjson.loads(response.content)
+    detail = ""
+    if isinstance(outcome, dict) and outcome.get("resourceType") == "OperationOutcome":
+        texts = [i.get("diagnostics") or i.get("details", {}).get("text", "") for i in outcome.get("issue", [])]
+        detail = "; ".join(t for t in texts if t)
+    else:
+        outcome = None
+    target = url.split("?")[0]
+    message = f"{method} {target} failed with HTTP {response.status_code}" + (f": {detail}" if detail else "")
+    return FhirError(message + ".", response.status_code, outcome)

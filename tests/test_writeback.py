@@ -1,0 +1,127 @@
+"""`backpain-screen publish` and `submit` against a real FHIR server, run as a user runs them."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "questionnaires" / "examples"
+CLI = [sys.executable, "-m", "plugin.cli"]
+FHIR_JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+# every example that writes results, with the outcome it must write (questionnaires/examples/README.md)
+OUTCOMES = {
+    "qr-refer-asas.json": "refer-rheumatology",
+    "qr-no-referral.json": "no-referral-indicated",
+    "qr-not-applicable.json": "not-applicable",
+    "qr-emergency.json": "emergency-assessment",
+    "qr-urgent.json": "urgent-assessment",
+    "qr-indeterminate.json": "indeterminate",
+    "qr-nice-test-hla-b27.json": "refer-rheumatology",
+    "qr-lhc-forms.json": "refer-rheumatology",
+}
+TASKS = {"refer-rheumatology": 1, "emergency-assessment": 1, "urgent-assessment": 1}
+
+
+def cli(*args: str, stdin: bytes | None = None, base_url: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args, "--fhir-base-url", base_url], input=stdin, capture_output=True, cwd=ROOT,
+                          timeout=120, check=False)
+
+
+@pytest.fixture
+def fhir(fhir_base_url: str):
+    with httpx.Client(base_url=fhir_base_url, headers=FHIR_JSON, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+def patient(fhir: httpx.Client) -> str:
+    created = fhir.post("/Patient", content=orjson.dumps({"resourceType": "Patient", "active": True}))
+    assert created.status_code == 201, created.text
+    return f"Patient/{created.json()['id']}"
+
+
+def total(fhir: httpx.Client, resource_type: str, **params: str) -> int:
+    found = fhir.get(f"/{resource_type}", params={**params, "_summary": "count"})
+    assert found.status_code == 200, found.text
+    return found.json()["total"]
+
+
+def for_patient(name: str, patient: str) -> bytes:
+    qr = orjson.loads((EXAMPLES / name).read_bytes())
+    qr["id"] = f"{name.removesuffix('.json')}-{uuid.uuid4()}"
+    qr["subject"] = {"reference": patient}
+    return orjson.dumps(qr)
+
+
+def test_publish_twice_leaves_one_of_each(fhir: httpx.Client, fhir_base_url: str):
+    for _ in range(2):
+        done = cli("publish", base_url=fhir_base_url)
+        assert done.returncode == 0, done.stderr
+    for url in ("https://backpain-screen.org/fhir/Questionnaire/back-pain-screening",
+                "https://backpain-screen.org/fhir/Questionnaire/basdai"):
+        assert total(fhir, "Questionnaire", url=url) == 1
+    assert total(fhir, "CodeSystem", url="https://backpain-screen.org/fhir/CodeSystem/screening-results") == 1
+    assert total(fhir, "Device", identifier="https://backpain-screen.org/fhir/sid/device|"
+                 "backpain-screen-0.1.0-back-pain-screening-rules-1.0.0") == 1
+
+
+def test_submit_every_outcome_then_replay_changes_nothing(fhir: httpx.Client, fhir_base_url: str, patient: str):
+    bodies = {name: for_patient(name, patient) for name in OUTCOMES}
+    for name, body in bodies.items():
+        done = cli("submit", "-", stdin=body, base_url=fhir_base_url)
+        assert done.returncode == 0, done.stderr
+        report = orjson.loads(done.stdout)
+        assert report["outcome"] == OUTCOMES[name]
+        assert any(w["resource"].startswith("Observation/") and w["status"] == "201" for w in report["written"])
+    expected_tasks = sum(TASKS.get(outcome, 0) for outcome in OUTCOMES.values())
+    counts = (total(fhir, "Observation", subject=patient), total(fhir, "Task", patient=patient))
+    assert counts == (7 * len(OUTCOMES), expected_tasks)
+    outcomes = fhir.get("/Observation", params={"subject": patient, "code": "screening-outcome", "_count": "50"})
+    written = sorted(e["resource"]["valueCodeableConcept"]["coding"][0]["code"] for e in outcomes.json()["entry"])
+    assert written == sorted(OUTCOMES.values())
+
+    for body in bodies.values():  # a replay: a Subscription delivered twice, a retried POST
+        done = cli("submit", "-", stdin=body, base_url=fhir_base_url)
+        assert done.returncode == 0, done.stderr
+        assert all(w["status"] == "200" for w in orjson.loads(done.stdout)["written"])
+    assert (total(fhir, "Observation", subject=patient), total(fhir, "Task", patient=patient)) == counts
+
+
+def test_submit_for_a_patient_the_server_does_not_know_writes_nothing(fhir: httpx.Client, fhir_base_url: str):
+    missing = f"Patient/{uuid.uuid4()}"
+    done = cli("submit", "-", stdin=for_patient("qr-refer-asas.json", missing), base_url=fhir_base_url)
+    assert done.returncode == 2
+    assert orjson.loads(done.stdout)["issue"][0]["code"] == "not-found"
+    assert "nothing was written" in done.stderr.decode()
+    assert total(fhir, "Observation", subject=missing) == 0
+
+
+def test_submit_in_progress_writes_nothing(fhir: httpx.Client, fhir_base_url: str, patient: str):
+    done = cli("submit", "-", stdin=for_patient("qr-in-progress.json", patient), base_url=fhir_base_url)
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout)["written"] == []
+    assert total(fhir, "QuestionnaireResponse", subject=patient) == 0
+
+
+def test_server_down_is_a_clear_error_and_a_non_zero_exit(patient: str):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = cli("submit", "-", stdin=for_patient("qr-refer-asas.json", patient), base_url=f"http://127.0.0.1:{port}")
+    assert done.returncode == 1
+    err = done.stderr.decode()
+    assert "could not be reached" in err and "Nothing was written" in err and "Traceback" not in err
+
+
+def test_bad_input_is_refused_before_the_server_is_asked(fhir_base_url: str):
+    done = cli("submit", "-", stdin=b'{"resourceType": "Patient"}', base_url=fhir_base_url)
+    assert done.returncode == 2
+    assert orjson.loads(done.stdout)["resourceType"] == "OperationOutcome"
