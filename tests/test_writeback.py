@@ -125,3 +125,28 @@ def test_bad_input_is_refused_before_the_server_is_asked(fhir_base_url: str):
     done = cli("submit", "-", stdin=b'{"resourceType": "Patient"}', base_url=fhir_base_url)
     assert done.returncode == 2
     assert orjson.loads(done.stdout)["resourceType"] == "OperationOutcome"
+
+
+@pytest.fixture
+def faulty_url(fhir_base_url: str):
+    """The test server behind a fault-injecting proxy process (tests/fault_proxy.py)."""
+    script = "500,pass,429,lose,reset,pass,lose"
+    proxy = subprocess.Popen([*CLI[:1], "-m", "tests.fault_proxy", fhir_base_url, "--script", script], cwd=ROOT,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        yield proxy.stdout.readline().split()[-1]
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=10)
+
+
+def test_transient_faults_are_retried_without_duplicates(fhir: httpx.Client, faulty_url: str, patient: str):
+    names = ["qr-refer-asas.json", "qr-emergency.json", "qr-no-referral.json"]
+    for name in names:
+        done = cli("submit", "-", stdin=for_patient(name, patient), base_url=faulty_url)
+        assert done.returncode == 0, done.stderr
+    served = httpx.get(f"{faulty_url}/__faults").json()
+    assert served["500"] and served["429"] and served["lose"] and served["reset"], served
+    assert total(fhir, "Observation", subject=patient) == 7 * len(names)
+    assert total(fhir, "Task", patient=patient) == 2  # a referral and an emergency review
+    assert total(fhir, "QuestionnaireResponse", subject=patient) == len(names)
