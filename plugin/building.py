@@ -175,6 +175,11 @@ class BundleBuilder:
         entries = [self.device, *written, provenance]
         return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
+    def task_identifiers(self, qr: dict) -> list[str]:
+        """Identifier values of every Task any version of this response could have been given."""
+        key = response_key(qr)
+        return [uuid5(f"{key}|task|{t.id}") for t in self.rule_set.tasks]
+
     def _response_entry(self, qr: dict, key: str) -> tuple[dict, dict]:
         resource = dict(qr)
         resource.pop("text", None)  # the caller's narrative is not ours to vouch for: the server regenerates it
@@ -409,14 +414,15 @@ def _link_members(observations: list[dict], specs: list[ResultSpec]) -> None:
             entry["resource"]["hasMember"] = members
 
 
-def token(system: str | None, value: str) -> str:
-    """A token search value from caller data: FHIR-escaped, then URL-encoded (ours are UUIDs and need neither)."""
+def token(system: str | None, value: str, *, in_url: bool = True) -> str:
+    """A token search value from caller data: FHIR-escaped, and URL-encoded when it goes into a URL as it is
+    (an HTTP client's `params` encode it themselves). Ours are UUIDs and need neither."""
 
     def escape(text: str) -> str:
         return text.replace("\\", "\\\\").replace("|", "\\|").replace(",", "\\,").replace("$", "\\$")
 
     joined = f"{escape(system)}|{escape(value)}" if system else escape(value)
-    return quote(joined, safe=":/|")
+    return quote(joined, safe=":/|") if in_url else joined
 
 
 def _entry(uuid: str, resource: dict, request: dict) -> dict:

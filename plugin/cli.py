@@ -16,6 +16,7 @@ from plugin import __version__
 from plugin.batch import run_batch, summary
 from plugin.fhir_client import FhirClient, FhirError, bearer
 from plugin.outcome import InvalidInput, invalid
+from plugin.parsing import parse_body
 from plugin.pipeline import Outcome, Screener
 from plugin.settings import Settings
 from plugin.writeback import Written, publish, submit
@@ -103,9 +104,10 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
 
     async def run() -> tuple[Outcome, list[Written]]:
         body, content_type = _read(args.file, settings.max_body_bytes)
-        outcome = screener.process_body(body, content_type)
+        qr = parse_body(body, content_type, settings.max_body_bytes)
+        screener.check(qr)  # refuse bad input before the server is asked anything
         async with _client(args) as client:
-            return outcome, await submit(client, outcome)
+            return await submit(client, screener, qr)
 
     try:
         outcome, written = asyncio.run(run())

@@ -150,3 +150,97 @@ def test_transient_faults_are_retried_without_duplicates(fhir: httpx.Client, fau
     assert total(fhir, "Observation", subject=patient) == 7 * len(names)
     assert total(fhir, "Task", patient=patient) == 2  # a referral and an emergency review
     assert total(fhir, "QuestionnaireResponse", subject=patient) == len(names)
+
+
+def submitted(body: bytes, base_url: str) -> dict:
+    done = cli("submit", "-", stdin=body, base_url=base_url)
+    assert done.returncode == 0, done.stderr
+    return orjson.loads(done.stdout)
+
+
+def results(fhir: httpx.Client, patient: str) -> dict[str, dict]:
+    found = fhir.get("/Observation", params={"subject": patient, "_count": "50"}).json().get("entry", [])
+    return {e["resource"]["code"]["coding"][0]["code"]: e["resource"] for e in found}
+
+
+def tasks(fhir: httpx.Client, patient: str) -> list[dict]:
+    return [e["resource"] for e in fhir.get("/Task", params={"patient": patient}).json().get("entry", [])]
+
+
+def amend(body: bytes, status: str, **answers: bool) -> bytes:
+    """The same response (same id), with a new status and some answers changed."""
+    qr = orjson.loads(body)
+    qr["status"] = status
+    for group in qr["item"]:
+        for item in group.get("item", []):
+            if item["linkId"] in answers:
+                item["answer"] = [{"valueBoolean": answers[item["linkId"]]}]
+    return orjson.dumps(qr)
+
+
+def test_an_amended_response_updates_its_results_and_cancels_what_no_longer_applies(
+        fhir: httpx.Client, fhir_base_url: str, patient: str):
+    body = for_patient("qr-emergency.json", patient)
+    assert submitted(body, fhir_base_url)["outcome"] == "emergency-assessment"
+    before = results(fhir, patient)
+    (review,) = tasks(fhir, patient)
+
+    report = submitted(amend(body, "amended", **{"rf-saddle-numbness": False}), fhir_base_url)
+    assert report["outcome"] == "not-applicable"  # pain under 6 weeks: no red flags left, no axSpA pathway
+    after = results(fhir, patient)
+    assert {k: v["id"] for k, v in after.items()} == {k: v["id"] for k, v in before.items()}  # updated in place
+    assert after["screening-outcome"]["status"] == "amended"
+    assert after["screening-outcome"]["valueCodeableConcept"]["coding"][0]["code"] == "not-applicable"
+    assert after["red-flags"]["valueBoolean"] is False
+    assert after["asas-ibp"]["meta"]["versionId"] == before["asas-ibp"]["meta"]["versionId"]  # unchanged: not rewritten
+    (cancelled,) = tasks(fhir, patient)
+    assert cancelled["id"] == review["id"] and cancelled["status"] == "cancelled"
+
+    assert submitted(amend(body, "amended", **{"rf-saddle-numbness": False}), fhir_base_url)["written"] == []
+
+
+def test_entered_in_error_retracts_the_results_and_cancels_open_tasks(
+        fhir: httpx.Client, fhir_base_url: str, patient: str):
+    body = for_patient("qr-refer-asas.json", patient)
+    submitted(body, fhir_base_url)
+    submitted(amend(body, "entered-in-error"), fhir_base_url)
+    assert {o["status"] for o in results(fhir, patient).values()} == {"entered-in-error"}
+    assert [t["status"] for t in tasks(fhir, patient)] == ["cancelled"]
+
+
+def test_a_task_the_care_team_accepted_is_left_to_them(fhir: httpx.Client, fhir_base_url: str, patient: str):
+    body = for_patient("qr-emergency.json", patient)
+    submitted(body, fhir_base_url)
+    (review,) = tasks(fhir, patient)
+    accepted = fhir.put(f"/Task/{review['id']}", content=orjson.dumps({**review, "status": "accepted"}))
+    assert accepted.status_code == 200, accepted.text
+    submitted(amend(body, "amended", **{"rf-saddle-numbness": False}), fhir_base_url)
+    assert [t["status"] for t in tasks(fhir, patient)] == ["accepted"]
+
+
+def test_an_update_made_from_a_stale_read_is_refused(fhir: httpx.Client, fhir_base_url: str, patient: str):
+    """If-Match is what keeps a concurrent change from being overwritten: the server must honour it."""
+    submitted(for_patient("qr-emergency.json", patient), fhir_base_url)
+    outcome = results(fhir, patient)["screening-outcome"]
+    fhir.put(f"/Observation/{outcome['id']}", content=orjson.dumps({**outcome, "status": "amended"}))
+    stale = {"resourceType": "Bundle", "type": "transaction", "entry": [{
+        "fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": outcome,
+        "request": {"method": "PUT", "url": f"Observation/{outcome['id']}",
+                    "ifMatch": f'W/"{outcome["meta"]["versionId"]}"'}}]}
+    refused = fhir.post("/", content=orjson.dumps(stale))
+    assert refused.status_code in (409, 412), refused.text
+
+
+def test_a_response_without_an_id_is_found_again_by_its_identifier(
+        fhir: httpx.Client, fhir_base_url: str, patient: str):
+    for identifier in ({"system": "http://portal.example/ids", "value": f"portal-{uuid.uuid4()}"}, None):
+        qr = orjson.loads(for_patient("qr-refer-asas.json", patient))
+        del qr["id"]
+        qr["authored"] = f"2026-11-20T09:{30 if identifier else 31}:00Z"  # two different responses
+        if identifier:
+            qr["identifier"] = identifier
+        body = orjson.dumps(qr)
+        assert any(w["status"] == "201" for w in submitted(body, fhir_base_url)["written"])
+        assert submitted(body, fhir_base_url)["written"] == []  # found again: nothing to write
+    assert total(fhir, "QuestionnaireResponse", subject=patient) == 2
+    assert total(fhir, "Observation", subject=patient) == 14
