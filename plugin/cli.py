@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO
@@ -19,6 +20,7 @@ from plugin.outcome import InvalidInput, invalid
 from plugin.parsing import parse_body
 from plugin.pipeline import Outcome, Screener
 from plugin.settings import Settings
+from plugin.sync import SyncBusy, default_state_file, sync
 from plugin.writeback import Written, publish, submit
 
 EXIT_SERVER = 1  # the FHIR server refused or could not be reached
@@ -65,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     _server(submit)
     _strategy(submit)
     submit.set_defaults(run=_submit)
+
+    sync_ = commands.add_parser("sync", help="score responses on a FHIR server that lack current results")
+    _server(sync_)
+    sync_.add_argument("--since", help="start from this instant instead of the saved watermark (FHIR instant)")
+    sync_.add_argument("--state", type=Path, default=None,
+                       help="the watermark file (default: $XDG_STATE_HOME/backpain-screen/sync-state.json)")
+    _strategy(sync_)
+    sync_.set_defaults(run=_sync)
     return parser
 
 
@@ -123,6 +133,28 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     created = sum(w.status == "201" for w in written)
     print(f"backpain-screen: outcome {outcome.label}; {created} created, {len(written) - created} already there "
           "or updated.", file=sys.stderr)
+    return 0
+
+
+def _sync(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.fhir_base_url:
+        return _usage("sync needs --fhir-base-url (or FHIR_BASE_URL).")
+
+    async def run() -> Counter:
+        async with _client(args) as client:
+            return await sync(client, Screener(settings), args.state or default_state_file(), args.since)
+
+    try:
+        counts = asyncio.run(run())
+    except SyncBusy as busy:
+        print(f"backpain-screen: {busy}", file=sys.stderr)
+        return 0
+    except FhirError as error:
+        print(f"backpain-screen: {error} The watermark stays where it was; run sync again.", file=sys.stderr)
+        return EXIT_SERVER
+    _print_json(dict(counts))
+    summary_line = ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "nothing new"
+    print(f"backpain-screen: sync done: {summary_line}.", file=sys.stderr)
     return 0
 
 

@@ -52,7 +52,7 @@ async def _put(client: FhirClient, resource_type: str, params: dict[str, str], b
 
 
 async def submit(client: FhirClient, screener: Screener, qr: dict, *, include_response: bool = True,
-                 ) -> tuple[Outcome, list[Written]]:
+                 stored_response: dict | None = None) -> tuple[Outcome, list[Written]]:
     """Scores a response and writes what the server does not hold yet, in one transaction.
 
     The patient must already be on the server: results about a patient the
@@ -75,7 +75,8 @@ async def submit(client: FhirClient, screener: Screener, qr: dict, *, include_re
     for attempt in range(CONFLICT_RETRIES + 1):
         observations = await _stored(client, "Observation", systems.SID_OBSERVATION, observation_keys)
         tasks = await _stored(client, "Task", systems.SID_TASK, builder.task_identifiers(qr))
-        todo = plan(outcome.bundle, observations, tasks, stored_response=await _stored_response(client, qr),
+        stored = stored_response if stored_response and attempt == 0 else await _stored_response(client, qr)
+        todo = plan(outcome.bundle, observations, tasks, stored_response=stored,
                     include_response=include_response, retracted=qr["status"] == "entered-in-error")
         if todo is None:
             return outcome, []

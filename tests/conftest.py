@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 SERVER_DIR = Path(__file__).resolve().parent / "fhir_server"
@@ -66,3 +67,19 @@ def fhir_base_url() -> Iterator[str]:
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+@pytest.fixture
+def fhir(fhir_base_url: str) -> Iterator[httpx.Client]:
+    """A plain HTTP client on the test server, for setting up and looking at what the plugin did."""
+    headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+    with httpx.Client(base_url=fhir_base_url, headers=headers, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+def patient(fhir: httpx.Client) -> str:
+    """A new Patient on the server (each test its own, so a shared server needs no cleaning); its reference."""
+    created = fhir.post("/Patient", content=orjson.dumps({"resourceType": "Patient", "active": True}))
+    assert created.status_code == 201, created.text
+    return f"Patient/{created.json()['id']}"

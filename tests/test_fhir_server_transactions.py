@@ -11,27 +11,12 @@ from pathlib import Path
 
 import httpx
 import orjson
-import pytest
 
 from plugin.pipeline import Screener
+from tests.fhir_helpers import total
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "questionnaires" / "examples"
-FHIR_JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
 SCREENER = Screener()
-
-
-@pytest.fixture
-def fhir(fhir_base_url: str):
-    with httpx.Client(base_url=fhir_base_url, headers=FHIR_JSON, timeout=30) as client:
-        yield client
-
-
-@pytest.fixture
-def patient(fhir: httpx.Client) -> str:
-    """A new Patient on the server; its reference."""
-    created = fhir.post("/Patient", content=orjson.dumps({"resourceType": "Patient", "active": True}))
-    assert created.status_code == 201, created.text
-    return f"Patient/{created.json()['id']}"
 
 
 def example_for(patient: str, name: str = "qr-refer-asas.json") -> dict:
@@ -45,12 +30,6 @@ def post_transaction(fhir: httpx.Client, bundle: dict) -> httpx.Response:
     return fhir.post("/", content=orjson.dumps(bundle))
 
 
-def count(fhir: httpx.Client, resource_type: str, **params: str) -> int:
-    found = fhir.get(f"/{resource_type}", params={**params, "_summary": "count"})
-    assert found.status_code == 200, found.text
-    return found.json()["total"]
-
-
 def test_a_bundle_is_written_once_and_a_replay_changes_nothing(fhir: httpx.Client, patient: str):
     qr = example_for(patient)
     first = post_transaction(fhir, SCREENER.process(qr).bundle)
@@ -61,8 +40,8 @@ def test_a_bundle_is_written_once_and_a_replay_changes_nothing(fhir: httpx.Clien
     replay = post_transaction(fhir, SCREENER.process(qr).bundle)  # built again, later: a new clock
     assert replay.status_code == 200, replay.text
 
-    assert count(fhir, "Observation", subject=patient) == 7
-    assert count(fhir, "Task", patient=patient) == 1
+    assert total(fhir, "Observation", subject=patient) == 7
+    assert total(fhir, "Task", patient=patient) == 1
     outcome = fhir.get("/Observation", params={"subject": patient, "code": "screening-outcome"}).json()
     (entry,) = outcome["entry"]
     assert entry["resource"]["valueCodeableConcept"]["coding"][0]["code"] == "refer-rheumatology"
@@ -87,5 +66,5 @@ def test_a_transaction_that_fails_midway_leaves_nothing_behind(fhir: httpx.Clien
     refused = post_transaction(fhir, broken)
     assert 400 <= refused.status_code < 500, refused.text
     assert refused.json()["resourceType"] == "OperationOutcome"
-    assert count(fhir, "Observation", subject=patient) == 0
-    assert count(fhir, "Task", patient=patient) == 0
+    assert total(fhir, "Observation", subject=patient) == 0
+    assert total(fhir, "Task", patient=patient) == 0

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import httpx
 import orjson
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "questionnaires" / "examples"
-CLI = [sys.executable, "-m", "plugin.cli"]
-FHIR_JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+from tests.fhir_helpers import CLI, ROOT, for_patient, results, tasks, total
+
 # every example that writes results, with the outcome it must write (questionnaires/examples/README.md)
 OUTCOMES = {
     "qr-refer-asas.json": "refer-rheumatology",
@@ -33,32 +29,6 @@ TASKS = {"refer-rheumatology": 1, "emergency-assessment": 1, "urgent-assessment"
 def cli(*args: str, stdin: bytes | None = None, base_url: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args, "--fhir-base-url", base_url], input=stdin, capture_output=True, cwd=ROOT,
                           timeout=120, check=False)
-
-
-@pytest.fixture
-def fhir(fhir_base_url: str):
-    with httpx.Client(base_url=fhir_base_url, headers=FHIR_JSON, timeout=30) as client:
-        yield client
-
-
-@pytest.fixture
-def patient(fhir: httpx.Client) -> str:
-    created = fhir.post("/Patient", content=orjson.dumps({"resourceType": "Patient", "active": True}))
-    assert created.status_code == 201, created.text
-    return f"Patient/{created.json()['id']}"
-
-
-def total(fhir: httpx.Client, resource_type: str, **params: str) -> int:
-    found = fhir.get(f"/{resource_type}", params={**params, "_summary": "count"})
-    assert found.status_code == 200, found.text
-    return found.json()["total"]
-
-
-def for_patient(name: str, patient: str) -> bytes:
-    qr = orjson.loads((EXAMPLES / name).read_bytes())
-    qr["id"] = f"{name.removesuffix('.json')}-{uuid.uuid4()}"
-    qr["subject"] = {"reference": patient}
-    return orjson.dumps(qr)
 
 
 def test_publish_twice_leaves_one_of_each(fhir: httpx.Client, fhir_base_url: str):
@@ -156,15 +126,6 @@ def submitted(body: bytes, base_url: str) -> dict:
     done = cli("submit", "-", stdin=body, base_url=base_url)
     assert done.returncode == 0, done.stderr
     return orjson.loads(done.stdout)
-
-
-def results(fhir: httpx.Client, patient: str) -> dict[str, dict]:
-    found = fhir.get("/Observation", params={"subject": patient, "_count": "50"}).json().get("entry", [])
-    return {e["resource"]["code"]["coding"][0]["code"]: e["resource"] for e in found}
-
-
-def tasks(fhir: httpx.Client, patient: str) -> list[dict]:
-    return [e["resource"] for e in fhir.get("/Task", params={"patient": patient}).json().get("entry", [])]
 
 
 def amend(body: bytes, status: str, **answers: bool) -> bytes:

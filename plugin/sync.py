@@ -1,0 +1,113 @@
+"""Catch-up sync: finds responses on the FHIR server that lack current results, and writes them.
+
+What makes a lost notification harmless. Responses of the plugin's
+Questionnaires are read in `_lastUpdated` order from a watermark kept in a
+state file; each is planned like `submit` (only what is missing or changed is
+written), so running it again, or two at once, writes nothing twice. The
+state file is locked while a sync runs: a second sync started meanwhile (a
+slow cron run overlapping the next) stops at once and says so. The
+watermark moves only past responses that were handled, so an interrupted
+sync resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import orjson
+
+from plugin.fhir_client import FhirClient
+from plugin.outcome import InvalidInput
+from plugin.pipeline import Screener
+from plugin.writeback import submit
+
+PAGE = 200  # responses read per query; the watermark moves on after each page
+STATUSES = "completed,amended,entered-in-error"
+
+
+class SyncBusy(Exception):
+    """Another sync holds the state file."""
+
+
+def default_state_file() -> Path:
+    state_home = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state_home) / "backpain-screen" / "sync-state.json"
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[IO[bytes]]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SyncBusy(f"another sync is running (it holds {path.name}); nothing to do.") from None
+        yield handle
+
+
+def read_state(handle: IO[bytes], base_url: str) -> dict:
+    handle.seek(0)
+    raw = handle.read()
+    states = orjson.loads(raw) if raw.strip() else {}
+    return states.get(base_url, {"watermark": None, "seen": []})
+
+
+def write_state(handle: IO[bytes], base_url: str, state: dict) -> None:
+    handle.seek(0)
+    raw = handle.read()
+    states = orjson.loads(raw) if raw.strip() else {}
+    states[base_url] = state
+    handle.seek(0)
+    handle.truncate()
+    handle.write(orjson.dumps(states, option=orjson.OPT_INDENT_2))
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+async def sync(client: FhirClient, screener: Screener, state_file: Path, since: str | None = None) -> Counter:
+    """Handles every response updated since the watermark (or `since`); returns counts of what happened."""
+    counts: Counter = Counter()
+    with locked(state_file) as handle:
+        state = read_state(handle, client.base_url)
+        if since:
+            state = {"watermark": since, "seen": []}
+        for url in screener.questionnaires:
+            state = await _sync_questionnaire(client, screener, url, state, counts,
+                                              lambda s: write_state(handle, client.base_url, s))
+    return counts
+
+
+async def _sync_questionnaire(client: FhirClient, screener: Screener, url: str, state: dict, counts: Counter,
+                              save: Callable[[dict], None]) -> dict:
+    while True:
+        params = {"questionnaire": url, "status": STATUSES, "_sort": "_lastUpdated", "_count": str(PAGE)}
+        if state["watermark"]:
+            params["_lastUpdated"] = f"ge{state['watermark']}"
+        seen = {tuple(x) for x in state["seen"]}
+        page = await client.request("GET", "QuestionnaireResponse", params=params)
+        fresh = [e["resource"] for e in page.get("entry", [])
+                 if (e["resource"]["id"], e["resource"].get("meta", {}).get("versionId")) not in seen]
+        if not fresh:
+            return state
+        results = await asyncio.gather(*(_one(client, screener, qr) for qr in fresh))
+        counts.update(results)
+        last = max(qr["meta"]["lastUpdated"] for qr in fresh)
+        at_last = [(qr["id"], qr["meta"].get("versionId")) for qr in fresh if qr["meta"]["lastUpdated"] == last]
+        previous = [list(x) for x in seen] if last == state["watermark"] else []
+        state = {"watermark": last, "seen": previous + [list(x) for x in at_last]}
+        save(state)
+
+
+async def _one(client: FhirClient, screener: Screener, qr: dict) -> str:
+    try:
+        _, written = await submit(client, screener, qr, include_response=False, stored_response=qr)
+    except InvalidInput:
+        return "invalid"  # a response the plugin cannot score: counted, never retried in a loop
+    return "written" if written else "up-to-date"
