@@ -61,8 +61,22 @@ def test_submit_every_outcome_then_replay_changes_nothing(fhir: httpx.Client, fh
     for body in bodies.values():  # a replay: a Subscription delivered twice, a retried POST
         done = cli("submit", "-", stdin=body, base_url=fhir_base_url)
         assert done.returncode == 0, done.stderr
-        assert all(w["status"] == "200" for w in orjson.loads(done.stdout)["written"])
+        assert orjson.loads(done.stdout)["written"] == []
     assert (total(fhir, "Observation", subject=patient), total(fhir, "Task", patient=patient)) == counts
+
+
+def test_the_other_strategy_and_the_other_questionnaire(fhir: httpx.Client, fhir_base_url: str, patient: str):
+    """With the 8 above, 10 responses: every outcome, both strategies, BASDAI."""
+    nice = cli("submit", "-", "--strategy", "nice-ng65", stdin=for_patient("qr-nice-test-hla-b27.json", patient),
+               base_url=fhir_base_url)
+    assert nice.returncode == 0, nice.stderr
+    assert orjson.loads(nice.stdout)["outcome"] == "test-hla-b27"
+    (task,) = tasks(fhir, patient)
+    assert task["code"]["coding"][0]["code"] == "hla-b27-test"
+    basdai = submitted(for_patient("qr-basdai.json", patient), fhir_base_url)
+    assert basdai["outcome"] == "positive"
+    score = fhir.get("/Observation", params={"subject": patient, "code": "basdai"}).json()["entry"][0]["resource"]
+    assert score["valueQuantity"]["value"] == 4.9
 
 
 def test_submit_for_a_patient_the_server_does_not_know_writes_nothing(fhir: httpx.Client, fhir_base_url: str):
