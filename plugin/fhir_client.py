@@ -97,6 +97,23 @@ class FhirClient:
     async def transaction(self, bundle: dict) -> dict:
         return await self.request("POST", "", body=bundle)
 
+    async def read_many(self, urls: list[str]) -> list[dict | None]:
+        """Several reads or searches in one round trip (a batch Bundle); None where the server has nothing."""
+        batch = {"resourceType": "Bundle", "type": "batch",
+                 "entry": [{"request": {"method": "GET", "url": url}} for url in urls]}
+        answers = (await self.request("POST", "", body=batch)).get("entry", [])
+        found: list[dict | None] = []
+        for url, answer in zip(urls, answers):
+            status = int(answer.get("response", {}).get("status", "500").split()[0])
+            if status in (404, 410):
+                found.append(None)
+            elif status >= 400:
+                raise FhirError(f"GET {url.split('?')[0]} in a batch failed with HTTP {status}.", status,
+                                answer.get("response", {}).get("outcome"))
+            else:
+                found.append(answer.get("resource"))
+        return found
+
     async def search(self, resource_type: str, params: dict[str, str]) -> AsyncIterator[dict]:
         """Every matching resource, following the server's `next` links page by page."""
         page = await self.request("GET", resource_type, params=params)

@@ -6,7 +6,9 @@ module only decides what to send and reports what the server did.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 from plugin import data, systems
 from plugin.building import response_key, token, uuid5
@@ -55,28 +57,21 @@ async def submit(client: FhirClient, screener: Screener, qr: dict, *, include_re
                  stored_response: dict | None = None) -> tuple[Outcome, list[Written]]:
     """Scores a response and writes what the server does not hold yet, in one transaction.
 
-    The patient must already be on the server: results about a patient the
-    EHR does not know would be orphans, so nothing is written and the
-    caller is told (as InvalidInput: it is the response that is wrong).
-    A concurrent change to the same results (409/412) is met by reading again
+    What the server already holds is read first, in one round trip; the
+    patient must be among it. A concurrent change to the same results (409/412) is met by reading again
     and planning again, never by overwriting it.
     """
     outcome = screener.process(qr)
     entries = outcome.bundle.get("entry", [])
     if not entries:
         return outcome, []
-    subject = qr["subject"]["reference"]
-    if subject.startswith("Patient/") and await client.read(subject) is None:
-        raise invalid("not-found", f"{subject} is not on the FHIR server: nothing was written.",
-                      "QuestionnaireResponse.subject")
     builder = screener.builders[qr["questionnaire"].partition("|")[0]]
     observation_keys = [stored_key(e["resource"], systems.SID_OBSERVATION) or "" for e in entries
                         if e["resource"]["resourceType"] == "Observation"]
     for attempt in range(CONFLICT_RETRIES + 1):
-        observations = await _stored(client, "Observation", systems.SID_OBSERVATION, observation_keys)
-        tasks = await _stored(client, "Task", systems.SID_TASK, builder.task_identifiers(qr))
-        stored = stored_response if stored_response and attempt == 0 else await _stored_response(client, qr)
-        todo = plan(outcome.bundle, observations, tasks, stored_response=stored,
+        state = await _server_state(client, qr, observation_keys, builder.task_identifiers(qr), attempt == 0)
+        todo = plan(outcome.bundle, state.observations, state.tasks,
+                    stored_response=stored_response if stored_response and attempt == 0 else state.response,
                     include_response=include_response, retracted=qr["status"] == "entered-in-error")
         if todo is None:
             return outcome, []
@@ -90,26 +85,60 @@ async def submit(client: FhirClient, screener: Screener, qr: dict, *, include_re
     raise AssertionError("unreachable")
 
 
-async def _stored_response(client: FhirClient, qr: dict) -> dict | None:
+@dataclass(frozen=True, slots=True)
+class _ServerState:
+    observations: dict[str, dict]  # identifier value -> stored resource
+    tasks: dict[str, dict]
+    response: dict | None
+
+
+async def _server_state(client: FhirClient, qr: dict, observation_keys: list[str], task_keys: list[str],
+                        check_patient: bool) -> _ServerState:
+    """What the server holds for this response, read in one round trip (a batch of reads).
+
+    The patient must already be on the server: results about a patient the EHR
+    does not know would be orphans, so nothing is written and the caller is
+    told (as InvalidInput: it is the response that is wrong).
+    """
+    subject = qr["subject"]["reference"]
+    urls = [_search("Observation", systems.SID_OBSERVATION, observation_keys),
+            _search("Task", systems.SID_TASK, task_keys), _response_url(qr)]
+    check_patient = check_patient and subject.startswith("Patient/")
+    found = await client.read_many([*urls, subject] if check_patient else urls)
+    if check_patient and found[3] is None:
+        raise invalid("not-found", f"{subject} is not on the FHIR server: nothing was written.",
+                      "QuestionnaireResponse.subject")
+    observations, tasks, response = found[:3]
+    if response and response.get("resourceType") == "Bundle":
+        response = next(_matches(response), None)
+    return _ServerState(_by_identifier(observations, systems.SID_OBSERVATION),
+                        _by_identifier(tasks, systems.SID_TASK), response)
+
+
+def _search(resource_type: str, system: str, keys: list[str]) -> str:
+    return f"{resource_type}?" + urlencode({"identifier": ",".join(f"{system}|{key}" for key in keys),
+                                            "_count": str(len(keys))})
+
+
+def _response_url(qr: dict) -> str:
     """The server's copy of the response: by id, or by the identifier it was written under."""
     if qr.get("id"):
-        return await client.read(f"QuestionnaireResponse/{qr['id']}")
+        return f"QuestionnaireResponse/{qr['id']}"
     ident = qr.get("identifier") or {}
     if not ident.get("value"):  # the builder gave it one, made from its content
         ident = {"system": systems.SID_QR, "value": uuid5(response_key(qr))}
-    search = {"identifier": token(ident.get("system"), ident["value"], in_url=False)}
-    return await anext(client.search("QuestionnaireResponse", search), None)
+    return "QuestionnaireResponse?" + urlencode({"identifier": token(ident.get("system"), ident["value"],
+                                                                      in_url=False)})
 
 
-async def _stored(client: FhirClient, resource_type: str, system: str, keys: list[str]) -> dict[str, dict]:
-    """What the server holds under these identifiers: identifier value -> resource."""
-    wanted = ",".join(f"{system}|{key}" for key in keys)
-    found = {}
-    async for resource in client.search(resource_type, {"identifier": wanted, "_count": str(len(keys))}):
-        key = stored_key(resource, system)
-        if key:
-            found[key] = resource
-    return found
+def _matches(searchset: dict | None) -> Iterator[dict]:
+    for entry in (searchset or {}).get("entry", []):
+        if entry.get("search", {}).get("mode", "match") == "match":
+            yield entry["resource"]
+
+
+def _by_identifier(searchset: dict | None, system: str) -> dict[str, dict]:
+    return {key: resource for resource in _matches(searchset) if (key := stored_key(resource, system))}
 
 
 def _location(entry: dict) -> str:
