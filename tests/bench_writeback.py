@@ -1,0 +1,112 @@
+"""Benchmark: the plugin's write-back against a plain loop POSTing the same transaction Bundles.
+
+    python -m tests.bench_writeback [--n 1000] [--fhir-base-url URL]
+
+Without a URL the local test server is started (tests/fhir_server/). In one
+run, on fresh responses each time (so both sides create the same resources):
+  loop    one httpx client POSTing, one after another, the transaction Bundles the
+          plugin builds for N responses (built before the clock starts);
+  submit  the plugin's `submit` for N other responses: score, read what the
+          server holds (one batch), plan, write (one transaction);
+  sync    N responses put on the server beforehand, then one `sync` run over them.
+The ratio to the loop is the plugin's overhead; the target is at most 1.5x.
+
+The local test server looks identifiers up by scanning every resource of the type
+(each conditional create, each search), so its time per transaction grows with
+what it holds: keep N small there (e.g. --n 20), or point it at a HAPI server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import orjson
+
+from plugin.fhir_client import FhirClient
+from plugin.pipeline import Screener
+from plugin.sync import sync
+from plugin.writeback import submit
+from tests.bench_pipeline import make_bodies
+from tests.fhir_helpers import local_fhir_server
+
+HEADERS = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+
+
+def responses(screener: Screener, n: int, patient: str, seed: int) -> list[dict]:
+    """N plausible completed responses about `patient`, each with its own id."""
+    found = []
+    for body in make_bodies(screener, n, seed):
+        qr = orjson.loads(body)
+        qr.update(id=f"bench-{uuid.uuid4()}", subject={"reference": patient}, status="completed")
+        found.append(qr)
+    return found
+
+
+def plain_loop(base_url: str, bundles: list[dict]) -> float:
+    with httpx.Client(base_url=base_url, headers=HEADERS, timeout=60) as client:
+        start = time.perf_counter()
+        for bundle in bundles:
+            client.post("/", content=orjson.dumps(bundle)).raise_for_status()
+        return time.perf_counter() - start
+
+
+async def plugin_submit(base_url: str, screener: Screener, qrs: list[dict]) -> float:
+    async with FhirClient(base_url) as client:
+        start = time.perf_counter()
+        for qr in qrs:
+            await submit(client, screener, qr)
+        return time.perf_counter() - start
+
+
+async def plugin_sync(base_url: str, screener: Screener, qrs: list[dict]) -> float:
+    since = (datetime.now(UTC) - timedelta(seconds=1)).isoformat().replace("+00:00", "Z")  # only these
+    with httpx.Client(base_url=base_url, headers=HEADERS, timeout=60) as client:
+        for qr in qrs:
+            client.put(f"/QuestionnaireResponse/{qr['id']}", content=orjson.dumps(qr)).raise_for_status()
+    with tempfile.TemporaryDirectory() as state:
+        async with FhirClient(base_url) as client:
+            start = time.perf_counter()
+            counts = await sync(client, screener, Path(state) / "state.json", since)
+            elapsed = time.perf_counter() - start
+    assert counts["written"] >= len(qrs), counts
+    return elapsed
+
+
+def run(base_url: str, n: int) -> None:
+    screener = Screener()
+    with httpx.Client(base_url=base_url, headers=HEADERS, timeout=60) as client:
+        created = client.post("/Patient", content=orjson.dumps({"resourceType": "Patient"}))
+        created.raise_for_status()
+        patient = f"Patient/{created.json()['id']}"
+    bundles = [screener.process(qr).bundle for qr in responses(screener, n, patient, seed=1)]
+    loop = plain_loop(base_url, bundles)
+    plugin = asyncio.run(plugin_submit(base_url, screener, responses(screener, n, patient, seed=2)))
+    synced = asyncio.run(plugin_sync(base_url, screener, responses(screener, n, patient, seed=3)))
+    print(f"{n:,} responses, one after another, against {base_url}\n")
+    print("| way | seconds | responses/s | ratio to the loop |\n|---|---:|---:|---:|")
+    for name, seconds in (("plain httpx loop POSTing the Bundles", loop), ("`submit`", plugin), ("`sync`", synced)):
+        print(f"| {name} | {seconds:.2f} | {n / seconds:,.0f} | {seconds / loop:.2f} |")
+    verdict = "PASS" if plugin / loop <= 1.5 else "FAIL"
+    print(f"\n{verdict}: submit within 1.5x of the loop (got {plugin / loop:.2f}x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=20)
+    parser.add_argument("--fhir-base-url")
+    args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        base_url = args.fhir_base_url or stack.enter_context(local_fhir_server())
+        run(base_url.rstrip("/"), args.n)
+
+
+if __name__ == "__main__":
+    main()
