@@ -29,6 +29,7 @@ from plugin.pipeline import Screener
 from plugin.writeback import submit
 
 PAGE = 200  # responses read per query; the watermark moves on after each page
+AT_ONCE = 4  # responses handled concurrently: enough to overlap round trips, few enough not to swamp the server
 STATUSES = "completed,amended,entered-in-error"
 
 
@@ -96,7 +97,8 @@ async def _sync_questionnaire(client: FhirClient, screener: Screener, url: str, 
                  if (e["resource"]["id"], e["resource"].get("meta", {}).get("versionId")) not in seen]
         if not fresh:
             return state
-        results = await asyncio.gather(*(_one(client, screener, qr) for qr in fresh))
+        slots = asyncio.Semaphore(AT_ONCE)
+        results = await asyncio.gather(*(_one(client, screener, qr, slots) for qr in fresh))
         counts.update(results)
         last = max(qr["meta"]["lastUpdated"] for qr in fresh)
         at_last = [(qr["id"], qr["meta"].get("versionId")) for qr in fresh if qr["meta"]["lastUpdated"] == last]
@@ -105,9 +107,10 @@ async def _sync_questionnaire(client: FhirClient, screener: Screener, url: str, 
         save(state)
 
 
-async def _one(client: FhirClient, screener: Screener, qr: dict) -> str:
+async def _one(client: FhirClient, screener: Screener, qr: dict, slots: asyncio.Semaphore) -> str:
     try:
-        _, written = await submit(client, screener, qr, include_response=False, stored_response=qr)
+        async with slots:
+            _, written = await submit(client, screener, qr, include_response=False, stored_response=qr)
     except InvalidInput:
         return "invalid"  # a response the plugin cannot score: counted, never retried in a loop
     return "written" if written else "up-to-date"
