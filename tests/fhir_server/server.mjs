@@ -6,6 +6,7 @@
 //    more than 8 entries and does not roll back: entries run as a batch and the store is restored if any fails);
 //  - resources are validated on write (unknown elements, wrong types, missing required elements -> 400);
 //  - GET /metadata answers with a CapabilityStatement.
+//  - identifier and tag searches are indexed (the engine alone scans every stored resource).
 // Not yet like HAPI (see README.md beside this file): random versionIds, no paging links, unknown search
 // parameters give 0 results, no XML, no Subscriptions, no referential integrity.
 //
@@ -33,7 +34,9 @@ class TestRepository extends MemoryRepository {
     if (this.inTransaction) return callback(this);
     const copy = (maps) => new Map([...maps].map(([type, byId]) => [type, new Map(
       [...byId].map(([id, value]) => [id, Array.isArray(value) ? [...value] : value]))]));
-    const saved = { resources: copy(this.resources), history: copy(this.history) };
+    const saved = { resources: copy(this.resources), history: copy(this.history),
+      tokens: new Map([...(this.tokens ?? [])].map(([key, ids]) => [key, new Set(ids)])),
+      tokensOf: new Map(this.tokensOf ?? []) };
     this.inTransaction = true;
     try {
       return await callback(this);
@@ -42,6 +45,8 @@ class TestRepository extends MemoryRepository {
         this[name].clear();
         for (const [key, value] of saved[name]) this[name].set(key, value);
       }
+      this.tokens = saved.tokens;
+      this.tokensOf = saved.tokensOf;
       throw error;
     } finally {
       this.inTransaction = false;
@@ -56,7 +61,55 @@ class TestRepository extends MemoryRepository {
   // Every write (create, update, conditional create inside a transaction) ends here.
   createResourceSync(resource, options, update) {
     this.validate(resource);
-    return super.createResourceSync(resource, options, update);
+    const saved = super.createResourceSync(resource, options, update);
+    this.index(saved);
+    return saved;
+  }
+
+  async deleteResource(resourceType, id, options) {
+    await super.deleteResource(resourceType, id, options);
+    this.unindex(resourceType, id);
+  }
+
+  // The engine finds identifiers and tags by evaluating every stored resource of the type, so each
+  // conditional create got slower with every resource stored. An index of identifier and meta.tag
+  // tokens narrows a search to its candidates first; the engine still checks every filter on them.
+  index(resource) {
+    this.tokens ??= new Map();
+    this.tokensOf ??= new Map();
+    this.unindex(resource.resourceType, resource.id);
+    const keys = [...[].concat(resource.identifier ?? []), ...(resource.meta?.tag ?? []).map((t) => ({ ...t, value: t.code }))]
+      .filter((t) => t.system && t.value)
+      .map((t) => `${resource.resourceType}|${t.system}|${t.value}`);
+    for (const key of keys) {
+      if (!this.tokens.has(key)) this.tokens.set(key, new Set());
+      this.tokens.get(key).add(resource.id);
+    }
+    this.tokensOf.set(`${resource.resourceType}/${resource.id}`, keys);
+  }
+
+  unindex(resourceType, id) {
+    for (const key of this.tokensOf?.get(`${resourceType}/${id}`) ?? []) this.tokens.get(key)?.delete(id);
+    this.tokensOf?.delete(`${resourceType}/${id}`);
+  }
+
+  searchSync(request) {
+    const filter = (request.filters ?? []).find((f) => ['identifier', '_tag'].includes(f.code) && f.operator === 'eq'
+      && f.value.split(',').every((v) => /^[^|\\]+\|[^|\\]+$/.test(v)));
+    const all = this.resources.get(request.resourceType);
+    if (!filter || !all) return super.searchSync(request);
+    const candidates = new Map();
+    for (const value of filter.value.split(',')) {
+      for (const id of this.tokens?.get(`${request.resourceType}|${value}`) ?? []) {
+        if (all.has(id)) candidates.set(id, all.get(id));
+      }
+    }
+    this.resources.set(request.resourceType, candidates);  // synchronous: nothing else runs meanwhile
+    try {
+      return super.searchSync(request);
+    } finally {
+      this.resources.set(request.resourceType, all);
+    }
   }
 }
 
