@@ -10,10 +10,6 @@ run, on fresh responses each time (so both sides create the same resources):
           server holds (one batch), plan, write (one transaction);
   sync    N responses put on the server beforehand, then one `sync` run over them.
 The ratio to the loop is the plugin's overhead; the target is at most 1.5x.
-
-The local test server looks identifiers up by scanning every resource of the type
-(each conditional create, each search), so its time per transaction grows with
-what it holds: keep N small there (e.g. --n 20), or point it at a HAPI server.
 """
 
 from __future__ import annotations
@@ -104,7 +100,7 @@ def row(name: str, seconds: float, n: int, loop: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=20)
+    parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--fhir-base-url")
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
