@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _server(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--fhir-base-url", default=os.environ.get("FHIR_BASE_URL"),
+    from_env = os.environ.get("FHIR_BASE_URL")
+    parser.add_argument("--fhir-base-url", default=from_env, required=not from_env,
                         help="the FHIR server's base URL (default: $FHIR_BASE_URL)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
 
@@ -90,26 +91,22 @@ def _client(args: argparse.Namespace) -> FhirClient:
 
 
 def _publish(args: argparse.Namespace, settings: Settings) -> int:
-    if not args.fhir_base_url:
-        return _usage("publish needs --fhir-base-url (or FHIR_BASE_URL).")
 
-    async def run() -> list[Written]:
+    async def run() -> list[str]:
         async with _client(args) as client:
             return await publish(client, Screener(settings))
 
     try:
-        written = asyncio.run(run())
+        published = asyncio.run(run())
     except FhirError as error:
         print(f"backpain-screen: {error}", file=sys.stderr)
         return EXIT_SERVER
-    _print_json({"published": [w.location for w in written]})
-    print(f"backpain-screen: published {len(written)} resources.", file=sys.stderr)
+    _print_json({"published": published})
+    print(f"backpain-screen: published {len(published)} resources.", file=sys.stderr)
     return 0
 
 
 def _submit(args: argparse.Namespace, settings: Settings) -> int:
-    if not args.fhir_base_url:
-        return _usage("submit needs --fhir-base-url (or FHIR_BASE_URL).")
     screener = Screener(settings)
 
     async def run() -> tuple[Outcome, list[Written]]:
@@ -122,9 +119,7 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     try:
         outcome, written = asyncio.run(run())
     except InvalidInput as error:
-        _print_json(error.to_fhir())
-        print(f"backpain-screen: {error.summary()}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _refuse(error)
     except FhirError as error:
         print(f"backpain-screen: {error} Nothing was written.", file=sys.stderr)
         return EXIT_SERVER
@@ -137,8 +132,6 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _sync(args: argparse.Namespace, settings: Settings) -> int:
-    if not args.fhir_base_url:
-        return _usage("sync needs --fhir-base-url (or FHIR_BASE_URL).")
 
     async def run() -> Counter:
         async with _client(args) as client:
@@ -158,8 +151,10 @@ def _sync(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _usage(message: str) -> int:
-    print(f"backpain-screen: {message}", file=sys.stderr)
+def _refuse(error: InvalidInput) -> int:
+    """Bad input: the OperationOutcome on standard output, one sentence on standard error."""
+    _print_json(error.to_fhir())
+    print(f"backpain-screen: {error.summary()}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
 
@@ -178,10 +173,8 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
         body, content_type = _read(args.file, settings.max_body_bytes)
         outcome = screener.process_body(body, content_type)
     except InvalidInput as error:
-        sys.stdout.buffer.write(orjson.dumps(error.to_fhir(), option=orjson.OPT_INDENT_2) + b"\n")
-        print(f"backpain-screen: {error.summary()}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    sys.stdout.buffer.write(orjson.dumps(outcome.bundle, option=orjson.OPT_INDENT_2) + b"\n")
+        return _refuse(error)
+    _print_json(outcome.bundle)
     print(f"backpain-screen: outcome {outcome.label}", file=sys.stderr)
     return 0
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -118,9 +118,8 @@ class FhirClient:
         """Every matching resource, following the server's `next` links page by page."""
         page = await self.request("GET", resource_type, params=params)
         while True:
-            for entry in page.get("entry", []):
-                if entry.get("search", {}).get("mode", "match") == "match":
-                    yield entry["resource"]
+            for resource in matches(page):
+                yield resource
             following = next((link["url"] for link in page.get("link", []) if link.get("relation") == "next"), None)
             if not following:
                 return
@@ -160,6 +159,13 @@ class FhirClient:
                 return response
             await asyncio.sleep(self.retry.delay(attempt, retry_after(response)))
         raise AssertionError("unreachable")  # the loop always returns or raises on its last try
+
+
+def matches(searchset: dict | None) -> Iterator[dict]:
+    """The resources a searchset Bundle found (not those it merely included)."""
+    for entry in (searchset or {}).get("entry", []):
+        if entry.get("search", {}).get("mode", "match") == "match":
+            yield entry["resource"]
 
 
 def retry_after(response: httpx.Response) -> float | None:

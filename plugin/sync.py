@@ -53,17 +53,19 @@ def locked(path: Path) -> Iterator[IO[bytes]]:
         yield handle
 
 
-def read_state(handle: IO[bytes], base_url: str) -> dict:
+def _states(handle: IO[bytes]) -> dict:
+    """Every server's state in the file: base URL -> {watermark, seen}."""
     handle.seek(0)
     raw = handle.read()
-    states = orjson.loads(raw) if raw.strip() else {}
-    return states.get(base_url, {"watermark": None, "seen": []})
+    return orjson.loads(raw) if raw.strip() else {}
+
+
+def read_state(handle: IO[bytes], base_url: str) -> dict:
+    return _states(handle).get(base_url, {"watermark": None, "seen": []})
 
 
 def write_state(handle: IO[bytes], base_url: str, state: dict) -> None:
-    handle.seek(0)
-    raw = handle.read()
-    states = orjson.loads(raw) if raw.strip() else {}
+    states = _states(handle)
     states[base_url] = state
     handle.seek(0)
     handle.truncate()

@@ -6,13 +6,12 @@ module only decides what to send and reports what the server did.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
 from plugin import data, systems
 from plugin.building import response_key, token, uuid5
-from plugin.fhir_client import FhirClient, FhirError
+from plugin.fhir_client import FhirClient, FhirError, matches
 from plugin.outcome import invalid
 from plugin.pipeline import Outcome, Screener
 from plugin.reconcile import plan, stored_key
@@ -29,11 +28,12 @@ class Written:
     status: str  # "201" created, "200" already there or updated
 
 
-async def publish(client: FhirClient, screener: Screener) -> list[Written]:
+async def publish(client: FhirClient, screener: Screener) -> list[str]:
     """Puts the Questionnaires, CodeSystems and the plugin's Device on the server, once each.
 
     Conditional updates on (url, version), and on the Device's identifier,
-    so running it again updates in place instead of adding copies.
+    so running it again updates in place instead of adding copies. Returns
+    where each one is (Type/id).
     """
     written = []
     for resource_type in CANONICAL_TYPES:
@@ -48,9 +48,9 @@ async def publish(client: FhirClient, screener: Screener) -> list[Written]:
     return written
 
 
-async def _put(client: FhirClient, resource_type: str, params: dict[str, str], body: dict) -> Written:
+async def _put(client: FhirClient, resource_type: str, params: dict[str, str], body: dict) -> str:
     stored = await client.request("PUT", resource_type, body=body, params=params)
-    return Written(f"{resource_type}/{stored.get('id')}", "200")
+    return f"{resource_type}/{stored.get('id')}"
 
 
 async def submit(client: FhirClient, screener: Screener, qr: dict, *, include_response: bool = True,
@@ -110,7 +110,7 @@ async def _server_state(client: FhirClient, qr: dict, observation_keys: list[str
                       "QuestionnaireResponse.subject")
     observations, tasks, response = found[:3]
     if response and response.get("resourceType") == "Bundle":
-        response = next(_matches(response), None)
+        response = next(matches(response), None)
     return _ServerState(_by_identifier(observations, systems.SID_OBSERVATION),
                         _by_identifier(tasks, systems.SID_TASK), response)
 
@@ -131,14 +131,8 @@ def _response_url(qr: dict) -> str:
                                                                       in_url=False)})
 
 
-def _matches(searchset: dict | None) -> Iterator[dict]:
-    for entry in (searchset or {}).get("entry", []):
-        if entry.get("search", {}).get("mode", "match") == "match":
-            yield entry["resource"]
-
-
 def _by_identifier(searchset: dict | None, system: str) -> dict[str, dict]:
-    return {key: resource for resource in _matches(searchset) if (key := stored_key(resource, system))}
+    return {key: resource for resource in matches(searchset) if (key := stored_key(resource, system))}
 
 
 def _location(entry: dict) -> str:
