@@ -97,6 +97,15 @@ class FhirClient:
     async def transaction(self, bundle: dict) -> dict:
         return await self.request("POST", "", body=bundle)
 
+    async def create(self, resource: dict) -> dict:
+        return await self.request("POST", resource["resourceType"], body=resource)
+
+    async def update_where(self, resource_type: str, params: dict[str, str], body: dict) -> dict:
+        return await self.request("PUT", resource_type, body=body, params=params)
+
+    async def search_page(self, resource_type: str, params: dict[str, str]) -> dict:
+        return await self.request("GET", resource_type, params=params)
+
     async def read_many(self, urls: list[str]) -> list[dict | None]:
         """Several reads or searches in one round trip (a batch Bundle); None where the server has nothing."""
         batch = {"resourceType": "Bundle", "type": "batch",
@@ -116,7 +125,7 @@ class FhirClient:
 
     async def search(self, resource_type: str, params: dict[str, str]) -> AsyncIterator[dict]:
         """Every matching resource, following the server's `next` links page by page."""
-        page = await self.request("GET", resource_type, params=params)
+        page = await self.search_page(resource_type, params)
         while True:
             for resource in matches(page):
                 yield resource

@@ -23,9 +23,9 @@ from typing import IO
 
 import orjson
 
-from plugin.fhir_client import FhirClient
 from plugin.outcome import InvalidInput
 from plugin.pipeline import Screener
+from plugin.store import Store
 from plugin.writeback import submit
 
 PAGE = 200  # responses read per query; the watermark moves on after each page
@@ -74,7 +74,7 @@ def write_state(handle: IO[bytes], base_url: str, state: dict) -> None:
     os.fsync(handle.fileno())
 
 
-async def sync(client: FhirClient, screener: Screener, state_file: Path, since: str | None = None) -> Counter:
+async def sync(client: Store, screener: Screener, state_file: Path, since: str | None = None) -> Counter:
     """Handles every response updated since the watermark (or `since`); returns counts of what happened."""
     counts: Counter = Counter()
     with locked(state_file) as handle:
@@ -87,14 +87,14 @@ async def sync(client: FhirClient, screener: Screener, state_file: Path, since: 
     return counts
 
 
-async def _sync_questionnaire(client: FhirClient, screener: Screener, url: str, state: dict, counts: Counter,
+async def _sync_questionnaire(client: Store, screener: Screener, url: str, state: dict, counts: Counter,
                               save: Callable[[dict], None]) -> dict:
     while True:
         params = {"questionnaire": url, "status": STATUSES, "_sort": "_lastUpdated", "_count": str(PAGE)}
         if state["watermark"]:
             params["_lastUpdated"] = f"ge{state['watermark']}"
         seen = {tuple(x) for x in state["seen"]}
-        page = await client.request("GET", "QuestionnaireResponse", params=params)
+        page = await client.search_page("QuestionnaireResponse", params)
         fresh = [e["resource"] for e in page.get("entry", [])
                  if (e["resource"]["id"], e["resource"].get("meta", {}).get("versionId")) not in seen]
         if not fresh:
@@ -109,7 +109,7 @@ async def _sync_questionnaire(client: FhirClient, screener: Screener, url: str, 
         save(state)
 
 
-async def _one(client: FhirClient, screener: Screener, qr: dict, slots: asyncio.Semaphore) -> str:
+async def _one(client: Store, screener: Screener, qr: dict, slots: asyncio.Semaphore) -> str:
     try:
         async with slots:
             _, written = await submit(client, screener, qr, include_response=False, stored_response=qr)

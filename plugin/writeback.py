@@ -11,10 +11,11 @@ from urllib.parse import urlencode
 
 from plugin import data, systems
 from plugin.building import response_key, token, uuid5
-from plugin.fhir_client import FhirClient, FhirError, matches
+from plugin.fhir_client import FhirError, matches
 from plugin.outcome import invalid
 from plugin.pipeline import Outcome, Screener
 from plugin.reconcile import plan, stored_key
+from plugin.store import Store
 
 CANONICAL_TYPES = ("Questionnaire", "CodeSystem")
 CONFLICT_RETRIES = 3
@@ -28,7 +29,7 @@ class Written:
     status: str  # "201" created, "200" already there or updated
 
 
-async def publish(client: FhirClient, screener: Screener) -> list[str]:
+async def publish(client: Store, screener: Screener) -> list[str]:
     """Puts the Questionnaires, CodeSystems and the plugin's Device on the server, once each.
 
     Conditional updates on (url, version), and on the Device's identifier,
@@ -48,12 +49,12 @@ async def publish(client: FhirClient, screener: Screener) -> list[str]:
     return written
 
 
-async def _put(client: FhirClient, resource_type: str, params: dict[str, str], body: dict) -> str:
-    stored = await client.request("PUT", resource_type, body=body, params=params)
+async def _put(client: Store, resource_type: str, params: dict[str, str], body: dict) -> str:
+    stored = await client.update_where(resource_type, params, body)
     return f"{resource_type}/{stored.get('id')}"
 
 
-async def submit(client: FhirClient, screener: Screener, qr: dict, *, include_response: bool = True,
+async def submit(client: Store, screener: Screener, qr: dict, *, include_response: bool = True,
                  stored_response: dict | None = None) -> tuple[Outcome, list[Written]]:
     """Scores a response and writes what the server does not hold yet, in one transaction.
 
@@ -92,7 +93,7 @@ class _ServerState:
     response: dict | None
 
 
-async def _server_state(client: FhirClient, qr: dict, observation_keys: list[str], task_keys: list[str],
+async def _server_state(client: Store, qr: dict, observation_keys: list[str], task_keys: list[str],
                         check_patient: bool) -> _ServerState:
     """What the server holds for this response, read in one round trip (a batch of reads).
 
