@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from plugin import systems
 from plugin.building import uuid5
 
@@ -62,8 +64,7 @@ def plan(bundle: dict, observations: dict[str, dict], tasks: dict[str, dict], *,
         return None
     if provenance:
         entries.append(provenance)
-    written = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
-    return _point_at_stored(written, resolved)
+    return {"resourceType": "Bundle", "type": "transaction", "entry": _repoint_entries(entries, resolved)}
 
 
 def _observation(entry: dict, observations: dict[str, dict], resolved: dict[str, str]) -> list[dict]:
@@ -112,6 +113,25 @@ def _update(full_url: str, resource: dict, stored: dict) -> dict:
     if version:
         request["ifMatch"] = f'W/"{version}"'
     return {"fullUrl": full_url, "resource": resource, "request": request}
+
+
+def _repoint_entries(entries: list[dict], resolved: dict[str, str]) -> list[dict]:
+    """Entries whose references to unwritten entries now point at the stored resources.
+
+    Only resources that mention one of those entries are walked (found by a
+    byte search of their JSON): walking every response and narrative cost
+    more than the rest of the plan.
+    """
+    if not resolved:
+        return entries
+    needles = [f'"{full_url}"'.encode() for full_url in resolved]
+    repointed = []
+    for entry in entries:
+        raw = orjson.dumps(entry["resource"])
+        if any(needle in raw for needle in needles):
+            entry = {**entry, "resource": _point_at_stored(entry["resource"], resolved)}
+        repointed.append(entry)
+    return repointed
 
 
 def _point_at_stored(node: Any, resolved: dict[str, str]) -> Any:

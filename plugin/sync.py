@@ -26,10 +26,10 @@ import orjson
 from plugin.outcome import InvalidInput
 from plugin.pipeline import Screener
 from plugin.store import Store
-from plugin.writeback import submit
+from plugin.writeback import prepare, read_states, write
 
 PAGE = 200  # responses read per query; the watermark moves on after each page
-AT_ONCE = 4  # responses handled concurrently: enough to overlap round trips, few enough not to swamp the server
+GROUP = 8  # responses read in one batch and then written concurrently: fewer round trips, a bounded load
 STATUSES = "completed,amended,entered-in-error"
 
 
@@ -99,9 +99,8 @@ async def _sync_questionnaire(client: Store, screener: Screener, url: str, state
                  if (e["resource"]["id"], e["resource"].get("meta", {}).get("versionId")) not in seen]
         if not fresh:
             return state
-        slots = asyncio.Semaphore(AT_ONCE)
-        results = await asyncio.gather(*(_one(client, screener, qr, slots) for qr in fresh))
-        counts.update(results)
+        for start in range(0, len(fresh), GROUP):
+            counts.update(await _group(client, screener, fresh[start:start + GROUP]))
         last = max(qr["meta"]["lastUpdated"] for qr in fresh)
         at_last = [(qr["id"], qr["meta"].get("versionId")) for qr in fresh if qr["meta"]["lastUpdated"] == last]
         previous = [list(x) for x in seen] if last == state["watermark"] else []
@@ -109,10 +108,17 @@ async def _sync_questionnaire(client: Store, screener: Screener, url: str, state
         save(state)
 
 
-async def _one(client: Store, screener: Screener, qr: dict, slots: asyncio.Semaphore) -> str:
-    try:
-        async with slots:
-            _, written = await submit(client, screener, qr, include_response=False, stored_response=qr)
-    except InvalidInput:
-        return "invalid"  # a response the plugin cannot score: counted, never retried in a loop
-    return "written" if written else "up-to-date"
+async def _group(client: Store, screener: Screener, qrs: list[dict]) -> list[str]:
+    """Handles a few responses: one read for all of them, then a transaction each, concurrently."""
+    jobs, labels = [], []
+    for qr in qrs:
+        try:
+            jobs.append(prepare(screener, qr))
+        except InvalidInput:
+            labels.append("invalid")  # a response the plugin cannot score: counted, never retried in a loop
+    jobs = [job for job in jobs if job.outcome.bundle.get("entry")]
+    labels += ["up-to-date"] * (len(qrs) - len(labels) - len(jobs))  # e.g. in-progress: nothing to write
+    states = await read_states(client, jobs, with_responses=False)
+    written = await asyncio.gather(*(write(client, job, state, stored_response=job.qr)
+                                     for job, state in zip(jobs, states)))
+    return labels + ["written" if w else "up-to-date" for w in written]

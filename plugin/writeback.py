@@ -54,66 +54,106 @@ async def _put(client: Store, resource_type: str, params: dict[str, str], body: 
     return f"{resource_type}/{stored.get('id')}"
 
 
-async def submit(client: Store, screener: Screener, qr: dict, *, include_response: bool = True,
-                 stored_response: dict | None = None) -> tuple[Outcome, list[Written]]:
-    """Scores a response and writes what the server does not hold yet, in one transaction.
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One scored response and the identifiers its results are (or would be) stored under."""
 
-    What the server already holds is read first, in one round trip; the
-    patient must be among it. A concurrent change to the same results (409/412) is met by reading again
-    and planning again, never by overwriting it.
-    """
+    qr: dict
+    outcome: Outcome
+    observation_keys: list[str]
+    task_keys: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerState:
+    """What the server holds for one response."""
+
+    observations: dict[str, dict]  # identifier value -> stored resource
+    tasks: dict[str, dict]
+    response: dict | None
+
+
+def prepare(screener: Screener, qr: dict) -> Job:
+    """Scores a response (InvalidInput if it cannot be scored)."""
     outcome = screener.process(qr)
     entries = outcome.bundle.get("entry", [])
     if not entries:
-        return outcome, []
+        return Job(qr, outcome, [], [])
     builder = screener.builders[qr["questionnaire"].partition("|")[0]]
     observation_keys = [stored_key(e["resource"], systems.SID_OBSERVATION) or "" for e in entries
                         if e["resource"]["resourceType"] == "Observation"]
+    return Job(qr, outcome, observation_keys, builder.task_identifiers(qr))
+
+
+async def submit(client: Store, screener: Screener, qr: dict) -> tuple[Outcome, list[Written]]:
+    """Scores a response and writes it with what the server does not hold yet, in one transaction.
+
+    What the server already holds is read first, in one round trip; the
+    patient must be among it.
+    """
+    job = prepare(screener, qr)
+    if not job.outcome.bundle.get("entry"):
+        return job.outcome, []
+    state = (await read_states(client, [job], with_responses=True, check_patient=True))[0]
+    return job.outcome, await write(client, job, state)
+
+
+async def write(client: Store, job: Job, state: ServerState, *, stored_response: dict | None = None) -> list[Written]:
+    """Writes what `state` lacks of the job's results, in one transaction; what was written.
+
+    With `stored_response` (the response as read from the server) the
+    response itself is not written again. A concurrent change to the same
+    results (409/412) is met by reading again and planning again, never by overwriting it.
+    """
     for attempt in range(CONFLICT_RETRIES + 1):
-        state = await _server_state(client, qr, observation_keys, builder.task_identifiers(qr), attempt == 0)
-        todo = plan(outcome.bundle, state.observations, state.tasks,
-                    stored_response=stored_response if stored_response and attempt == 0 else state.response,
-                    include_response=include_response, retracted=qr["status"] == "entered-in-error")
+        if attempt:
+            state = (await read_states(client, [job], with_responses=stored_response is None))[0]
+        todo = plan(job.outcome.bundle, state.observations, state.tasks,
+                    stored_response=stored_response or state.response, include_response=stored_response is None,
+                    retracted=job.qr["status"] == "entered-in-error")
         if todo is None:
-            return outcome, []
+            return []
         try:
             response = await client.transaction(todo)
         except FhirError as error:
             if error.status in (409, 412) and attempt < CONFLICT_RETRIES:
                 continue  # someone changed these results since we read them: read again
             raise
-        return outcome, [Written(_location(e), e["response"]["status"].split()[0]) for e in response.get("entry", [])]
+        return [Written(_location(e), e["response"]["status"].split()[0]) for e in response.get("entry", [])]
     raise AssertionError("unreachable")
 
 
-@dataclass(frozen=True, slots=True)
-class _ServerState:
-    observations: dict[str, dict]  # identifier value -> stored resource
-    tasks: dict[str, dict]
-    response: dict | None
+async def read_states(client: Store, jobs: list[Job], *, with_responses: bool,
+                      check_patient: bool = False) -> list[ServerState]:
+    """What the server holds for each job, read in one round trip (a batch of searches and reads).
 
-
-async def _server_state(client: Store, qr: dict, observation_keys: list[str], task_keys: list[str],
-                        check_patient: bool) -> _ServerState:
-    """What the server holds for this response, read in one round trip (a batch of reads).
-
-    The patient must already be on the server: results about a patient the EHR
-    does not know would be orphans, so nothing is written and the caller is
-    told (as InvalidInput: it is the response that is wrong).
+    With `check_patient` the patients must already be on the server: results
+    about a patient the EHR does not know would be orphans, so nothing is
+    written and the caller is told (as InvalidInput: it is the response that is wrong).
     """
-    subject = qr["subject"]["reference"]
-    urls = [_search("Observation", systems.SID_OBSERVATION, observation_keys),
-            _search("Task", systems.SID_TASK, task_keys), _response_url(qr)]
-    check_patient = check_patient and subject.startswith("Patient/")
-    found = await client.read_many([*urls, subject] if check_patient else urls)
-    if check_patient and found[3] is None:
-        raise invalid("not-found", f"{subject} is not on the FHIR server: nothing was written.",
-                      "QuestionnaireResponse.subject")
-    observations, tasks, response = found[:3]
-    if response and response.get("resourceType") == "Bundle":
-        response = next(matches(response), None)
-    return _ServerState(_by_identifier(observations, systems.SID_OBSERVATION),
-                        _by_identifier(tasks, systems.SID_TASK), response)
+    urls = [_search("Observation", systems.SID_OBSERVATION, [k for j in jobs for k in j.observation_keys]),
+            _search("Task", systems.SID_TASK, [k for j in jobs for k in j.task_keys])]
+    if with_responses:
+        urls += [_response_url(job.qr) for job in jobs]
+    subjects = sorted({ref for job in jobs if (ref := job.qr["subject"]["reference"]).startswith("Patient/")}
+                      if check_patient else ())
+    found = await client.read_many(urls + subjects)
+    for subject, patient in zip(subjects, found[len(urls):]):
+        if patient is None:
+            raise invalid("not-found", f"{subject} is not on the FHIR server: nothing was written.",
+                          "QuestionnaireResponse.subject")
+    observations = _by_identifier(found[0], systems.SID_OBSERVATION)
+    tasks = _by_identifier(found[1], systems.SID_TASK)
+    responses = found[2:len(urls)] if with_responses else [None] * len(jobs)
+    return [ServerState({k: observations[k] for k in job.observation_keys if k in observations},
+                        {k: tasks[k] for k in job.task_keys if k in tasks}, _first_match(response))
+            for job, response in zip(jobs, responses)]
+
+
+def _first_match(found: dict | None) -> dict | None:
+    if found and found.get("resourceType") == "Bundle":
+        return next(matches(found), None)
+    return found
 
 
 def _search(resource_type: str, system: str, keys: list[str]) -> str:
