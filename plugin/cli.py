@@ -124,10 +124,12 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
         print(f"backpain-screen: {error} Nothing was written.", file=sys.stderr)
         return EXIT_SERVER
     _print_json({"outcome": outcome.label, "written": [{"resource": w.location, "status": w.status}
-                                                       for w in written]})
-    created = sum(w.status == "201" for w in written)
-    print(f"backpain-screen: outcome {outcome.label}; {created} created, {len(written) - created} already there "
-          "or updated.", file=sys.stderr)
+                                                       for w in written if w.changed],
+                 "unchanged": [w.location for w in written if not w.changed]})
+    created = sum(w.status == "201" for w in written if w.changed)
+    updated = sum(w.changed for w in written) - created
+    print(f"backpain-screen: outcome {outcome.label}; {created} created, {updated} updated, "
+          f"{len(written) - created - updated} already there.", file=sys.stderr)
     return 0
 
 

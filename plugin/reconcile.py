@@ -14,6 +14,7 @@ References to entries that are not written are pointed at the stored resources.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -32,9 +33,15 @@ def stored_key(resource: dict, system: str) -> str | None:
     return next((i["value"] for i in resource.get("identifier", []) if i.get("system") == system), None)
 
 
+@dataclass(frozen=True, slots=True)
+class Plan:
+    transaction: dict | None  # None when the server already holds these results
+    kept: dict[str, str]  # fullUrl of each entry not written -> the stored resource (Type/id) it stands for
+
+
 def plan(bundle: dict, observations: dict[str, dict], tasks: dict[str, dict], *, stored_response: dict | None = None,
-         include_response: bool = True, retracted: bool = False) -> dict | None:
-    """The transaction still needed, or None when the server already holds these results.
+         include_response: bool = True, retracted: bool = False) -> Plan:
+    """The transaction still needed, and where the results not written already are.
 
     `observations` and `tasks` map identifier values to what the server holds now;
     `stored_response` is the server's copy of the response, if it has one.
@@ -60,11 +67,13 @@ def plan(bundle: dict, observations: dict[str, dict], tasks: dict[str, dict], *,
             entries.append(entry)
     entries += [_cancel(task) for key, task in tasks.items()
                 if (retracted or key not in wanted_tasks) and task.get("status") in OPEN_TASK]
+    written = {entry["fullUrl"] for entry in entries}
+    kept = {full_url: reference for full_url, reference in resolved.items() if full_url not in written}
     if not any(e["resource"]["resourceType"] != "Device" for e in entries):
-        return None
+        return Plan(None, kept)
     if provenance:
         entries.append(provenance)
-    return {"resourceType": "Bundle", "type": "transaction", "entry": _repoint_entries(entries, resolved)}
+    return Plan({"resourceType": "Bundle", "type": "transaction", "entry": _repoint_entries(entries, resolved)}, kept)
 
 
 def _observation(entry: dict, observations: dict[str, dict], resolved: dict[str, str]) -> list[dict]:

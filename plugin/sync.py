@@ -121,4 +121,4 @@ async def _group(client: Store, screener: Screener, qrs: list[dict]) -> list[str
     states = await read_states(client, jobs, with_responses=False)
     written = await asyncio.gather(*(write(client, job, state, stored_response=job.qr)
                                      for job, state in zip(jobs, states)))
-    return labels + ["written" if w else "up-to-date" for w in written]
+    return labels + ["written" if any(w.changed for w in ws) else "up-to-date" for ws in written]

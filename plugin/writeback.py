@@ -27,6 +27,7 @@ class Written:
 
     location: str  # Type/id as the server names it
     status: str  # "201" created, "200" already there or updated
+    changed: bool = True  # False: already on the server as it should be, not written this time
 
 
 async def publish(client: Store, screener: Screener) -> list[str]:
@@ -99,7 +100,7 @@ async def submit(client: Store, screener: Screener, qr: dict) -> tuple[Outcome, 
 
 
 async def write(client: Store, job: Job, state: ServerState, *, stored_response: dict | None = None) -> list[Written]:
-    """Writes what `state` lacks of the job's results, in one transaction; what was written.
+    """Writes what `state` lacks of the job's results, in one transaction; where each result is.
 
     With `stored_response` (the response as read from the server) the
     response itself is not written again. A concurrent change to the same
@@ -111,15 +112,16 @@ async def write(client: Store, job: Job, state: ServerState, *, stored_response:
         todo = plan(job.outcome.bundle, state.observations, state.tasks,
                     stored_response=stored_response or state.response, include_response=stored_response is None,
                     retracted=job.qr["status"] == "entered-in-error")
-        if todo is None:
-            return []
+        kept = [Written(location, "200", changed=False) for location in todo.kept.values()]
+        if todo.transaction is None:
+            return kept
         try:
-            response = await client.transaction(todo)
+            response = await client.transaction(todo.transaction)
         except FhirError as error:
             if error.status in (409, 412) and attempt < CONFLICT_RETRIES:
                 continue  # someone changed these results since we read them: read again
             raise
-        return [Written(_location(e), e["response"]["status"].split()[0]) for e in response.get("entry", [])]
+        return kept + [Written(_location(e), e["response"]["status"].split()[0]) for e in response.get("entry", [])]
     raise AssertionError("unreachable")
 
 

@@ -61,7 +61,10 @@ def test_submit_every_outcome_then_replay_changes_nothing(fhir: httpx.Client, fh
     for body in bodies.values():  # a replay: a Subscription delivered twice, a retried POST
         done = cli("submit", "-", stdin=body, base_url=fhir_base_url)
         assert done.returncode == 0, done.stderr
-        assert orjson.loads(done.stdout)["written"] == []
+        report = orjson.loads(done.stdout)
+        assert report["written"] == []
+        assert sum(r.startswith("Observation/") for r in report["unchanged"]) == 7  # says where they are
+        assert sum(r.startswith("QuestionnaireResponse/") for r in report["unchanged"]) == 1
     assert (total(fhir, "Observation", subject=patient), total(fhir, "Task", patient=patient)) == counts
 
 
