@@ -46,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
+    serve = commands.add_parser("serve", help="run the plugin's HTTP service (the main job)")
+    serve.add_argument("--host", help="address to listen on (default $BACKPAIN_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default $BACKPAIN_PORT or 8000)")
+    serve.add_argument("--workers", type=int, help="worker processes (default $BACKPAIN_WORKERS or 1)")
+    serve.add_argument("--store", help="the embedded store's file, used when no FHIR server is configured")
+    serve.add_argument("--fhir-base-url", help="write to this FHIR server (default $FHIR_BASE_URL; unset: embedded)")
+    _strategy(serve)
+    serve.set_defaults(run=_serve)
+
     score = commands.add_parser("score", help="score one QuestionnaireResponse; print the transaction Bundle")
     score.add_argument("file", help="a QuestionnaireResponse in FHIR JSON or XML; - reads standard input")
     _strategy(score)
@@ -150,6 +159,30 @@ def _sync(args: argparse.Namespace, settings: Settings) -> int:
     _print_json(dict(counts))
     summary_line = ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "nothing new"
     print(f"backpain-screen: sync done: {summary_line}.", file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    """uvicorn with uvloop and httptools; each worker builds the app from the environment, so flags go there."""
+    import uvicorn
+
+    from plugin.settings import SERVICE_SETTINGS, service_settings
+
+    flags = {"host": args.host, "port": args.port, "workers": args.workers, "store_path": args.store,
+             "fhir_base_url": args.fhir_base_url, "strategy": args.strategy}
+    try:
+        service = service_settings(**flags)
+    except ValueError as error:
+        print(f"backpain-screen: a setting is not valid: {error}.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for name, value in flags.items():
+        if value is not None:
+            os.environ[SERVICE_SETTINGS[name][0]] = str(value)
+    where = service.fhir_base_url or f"the embedded store {service.store_path}"
+    print(f"backpain-screen: serving on http://{service.host}:{service.port}, writing to {where}", file=sys.stderr)
+    uvicorn.run("plugin.app:from_environment", factory=True, host=service.host, port=service.port,
+                workers=service.workers, loop="uvloop", http="httptools", log_level=service.log_level,
+                access_log=False, proxy_headers=True, server_header=False)
     return 0
 
 

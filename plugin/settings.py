@@ -1,8 +1,16 @@
-"""Settings of a scoring run; every one has a safe default."""
+"""Settings: of a scoring run (`Settings`) and of the service (`ServiceSettings`).
+
+Every setting has a safe default and comes from an environment variable
+(or the matching command-line flag, which wins). `SERVICE_SETTINGS` is the
+one table of them: the README's settings table is checked against it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 MAX_BODY_BYTES = 1024 * 1024  # 1 MiB: a screening response is ~3 kB
 
@@ -11,3 +19,80 @@ MAX_BODY_BYTES = 1024 * 1024  # 1 MiB: a screening response is ~3 kB
 class Settings:
     strategy: str | None = None  # referral strategy option; None = the rule set's default
     max_body_bytes: int = MAX_BODY_BYTES
+
+
+def default_store_path() -> Path:
+    state_home = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state_home) / "backpain-screen" / "store.sqlite3"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    """What `backpain-screen serve` runs with. Secrets are never printed (repr hides them)."""
+
+    fhir_base_url: str | None = None  # None: the embedded SQLite store
+    fhir_bearer_token: str | None = field(default=None, repr=False)
+    store_path: Path = field(default_factory=default_store_path)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    strategy: str | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
+    ingest_token: str | None = field(default=None, repr=False)  # bearer token for POST/PUT of responses
+    notify_secret: str | None = field(default=None, repr=False)  # X-Notification-Secret of Subscriptions
+    form_secret: str | None = field(default=None, repr=False)  # signs portal links that name a patient
+    cors_origins: tuple[str, ...] = ()
+    public_url: str | None = None  # how callers reach the service, for absolute links; None: from the request
+    log_level: str = "info"
+
+    def scoring(self) -> Settings:
+        return Settings(strategy=self.strategy, max_body_bytes=self.max_body_bytes)
+
+
+# field -> (environment variable, what it is); the README's settings table lists exactly these.
+SERVICE_SETTINGS: dict[str, tuple[str, str]] = {
+    "fhir_base_url": ("FHIR_BASE_URL", "the EHR's FHIR server; unset: the embedded SQLite store"),
+    "fhir_bearer_token": ("FHIR_BEARER_TOKEN", "bearer token the plugin sends to the FHIR server"),
+    "store_path": ("BACKPAIN_STORE",
+                   "the embedded store's file (default $XDG_STATE_HOME/backpain-screen/store.sqlite3)"),
+    "host": ("BACKPAIN_HOST", "address to listen on (default 127.0.0.1)"),
+    "port": ("BACKPAIN_PORT", "port to listen on (default 8000)"),
+    "workers": ("BACKPAIN_WORKERS", "uvicorn worker processes (default 1)"),
+    "strategy": ("BACKPAIN_STRATEGY", "referral strategy: asas-2015 (default) or nice-ng65"),
+    "max_body_bytes": ("BACKPAIN_MAX_BODY_BYTES", "largest request body accepted (default 1048576; larger: 413)"),
+    "ingest_token": ("BACKPAIN_INGEST_TOKEN", "if set, POST /QuestionnaireResponse and the results need "
+                     "`Authorization: Bearer` with it"),
+    "notify_secret": ("BACKPAIN_NOTIFY_SECRET", "shared secret Subscriptions send in `X-Notification-Secret`; "
+                      "unset: notifications are refused"),
+    "form_secret": ("BACKPAIN_FORM_SECRET", "if set, a form link naming a patient must carry "
+                    "`sig` = HMAC-SHA256(secret, patient reference), hex"),
+    "cors_origins": ("BACKPAIN_CORS_ORIGINS", "comma-separated origins allowed to call the API from a browser"),
+    "public_url": ("BACKPAIN_PUBLIC_URL", "the service's public base URL, for absolute links"),
+    "log_level": ("BACKPAIN_LOG_LEVEL", "debug, info (default), warning or error"),
+}
+
+
+def service_settings(environ: Mapping[str, str] | None = None, **flags: object) -> ServiceSettings:
+    """Settings from the environment, overridden by flags that were given (not None)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    kinds = {f.name: f.type for f in fields(ServiceSettings)}
+    for name, (variable, _) in SERVICE_SETTINGS.items():
+        raw = flags.get(name)
+        if raw is None and environ.get(variable):
+            raw = environ[variable]
+        if raw is not None:
+            values[name] = _convert(kinds[name], raw)
+    return ServiceSettings(**values)  # type: ignore[arg-type]
+
+
+def _convert(kind: object, raw: object) -> object:
+    if not isinstance(raw, str):
+        return raw
+    if kind == "int":
+        return int(raw)
+    if kind == "Path":
+        return Path(raw)
+    if kind == "tuple[str, ...]":
+        return tuple(origin.strip() for origin in raw.split(",") if origin.strip())
+    return raw

@@ -10,6 +10,7 @@ an OperationOutcome when a request is refused (404, 409, 412, 400, ...).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Protocol
 
 
@@ -40,3 +41,15 @@ class Store(Protocol):
 
     async def update_where(self, resource_type: str, params: dict[str, str], body: dict) -> dict:
         """Conditional update (`PUT Type?params`): updates the one match or creates; the stored copy."""
+
+
+def open_store(fhir_base_url: str | None, bearer_token: str | None, store_path: Path) -> Store:
+    """The EHR's FHIR server when one is configured, else the embedded store."""
+    if fhir_base_url:
+        from plugin.fhir_client import FhirClient, bearer
+
+        return FhirClient(fhir_base_url, token=bearer(bearer_token) if bearer_token else None)
+    from plugin.sqlite_store import SqliteStore
+
+    store_path.parent.mkdir(parents=True, exist_ok=True)
+    return SqliteStore(store_path)

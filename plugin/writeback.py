@@ -142,7 +142,7 @@ async def read_states(client: Store, jobs: list[Job], *, with_responses: bool,
     found = await client.read_many(urls + subjects)
     for subject, patient in zip(subjects, found[len(urls):]):
         if patient is None:
-            raise invalid("not-found", f"{subject} is not on the FHIR server: nothing was written.",
+            raise invalid("not-found", f"{subject} was not found in the record system: nothing was written.",
                           "QuestionnaireResponse.subject")
     observations = _by_identifier(found[0], systems.SID_OBSERVATION)
     tasks = _by_identifier(found[1], systems.SID_TASK)

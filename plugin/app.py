@@ -1,0 +1,162 @@
+"""The ASGI app: routes, middleware, and one place where every error becomes an OperationOutcome."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from plugin import api, formats, pages
+from plugin.fhir_client import FhirError
+from plugin.observability import LOG, RequestMetrics, configure_logging
+from plugin.openapi import openapi
+from plugin.outcome import InvalidInput, Issue, operation_outcome
+from plugin.security import PageHeaders
+from plugin.service import Service
+from plugin.settings import ServiceSettings, service_settings
+from plugin.store import Store
+
+ISSUE_CODES = {404: "not-found", 405: "not-supported", 406: "not-supported", 413: "too-costly", 415: "not-supported"}
+
+
+def create_app(settings: ServiceSettings, store: Store | None = None) -> Starlette:
+    service = Service(settings, store)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await service.store.__aenter__()
+        try:
+            yield
+        finally:
+            await service.close()
+
+    middleware = [Middleware(RequestMetrics, metrics=service.metrics), Middleware(CatchAll), Middleware(PageHeaders)]
+    if settings.cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                                     allow_methods=["GET", "POST", "PUT"], expose_headers=["Location", "ETag"],
+                                     allow_headers=["Authorization", "Content-Type", "Accept"]))
+    app = Starlette(routes=routes(), middleware=middleware, lifespan=lifespan, exception_handlers={
+        InvalidInput: refused, FhirError: store_failed, HTTPException: http_error})
+    app.state.service = service
+    return app
+
+
+def from_environment() -> Starlette:
+    """The app as `backpain-screen serve` runs it (uvicorn's factory, once per worker), set by the environment."""
+    settings = service_settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)
+
+
+def routes() -> list:
+    return [
+        Route("/", pages.form_page, methods=["GET"]),
+        Route("/form", pages.submitted, methods=["POST"]),
+        Route("/results/{id}", pages.results, methods=["GET"]),
+        Route("/metadata", api.metadata, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/Questionnaire", api.search_definitions, methods=["GET"]),
+        Route("/Questionnaire/{id}", api.read_definition, methods=["GET"]),
+        Route("/CodeSystem", api.search_definitions, methods=["GET"]),
+        Route("/CodeSystem/{id}", api.read_definition, methods=["GET"]),
+        Route("/QuestionnaireResponse/$extract", api.extract, methods=["POST"]),
+        Route("/QuestionnaireResponse", api.ingest, methods=["POST"]),
+        Route("/QuestionnaireResponse/{id}", api.notified_with_payload, methods=["PUT"]),
+        Route("/notify/QuestionnaireResponse/{id}", api.notified_with_payload, methods=["PUT"]),
+        Route("/notify", api.notified_without_payload, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Mount("/static", StaticFiles(packages=[("plugin", "static")]), name="static"),
+    ]
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready when the store answers a search."""
+    service: Service = request.app.state.service
+    try:
+        await service.store.search_page("Questionnaire", {"_summary": "count"})
+    except FhirError as error:
+        service.metrics.store_errors.inc()
+        LOG.warning("store not ready", extra={"event": "readyz", "store": service.store_name,
+                                              "status": error.status})
+        return JSONResponse({"status": "unavailable", "store": service.store_name}, status_code=503)
+    return JSONResponse({"status": "ready", "store": service.store_name})
+
+
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def outcome_reply(request: Request, issues: list[Issue], status: int, headers: dict | None = None) -> Response:
+    if pages.wants_html(request):
+        return pages.error_page(request, issues, status)
+    return formats.reply(operation_outcome(issues), formats.wanted(request), status, headers)
+
+
+async def refused(request: Request, error: Exception) -> Response:
+    assert isinstance(error, InvalidInput)
+    request.app.state.service.metrics.refused.labels(str(error.status)).inc()
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return outcome_reply(request, error.issues, error.status, headers)
+
+
+async def store_failed(request: Request, error: Exception) -> Response:
+    """The store refused or could not be reached: the caller keeps the response and may retry."""
+    assert isinstance(error, FhirError)
+    service: Service = request.app.state.service
+    service.metrics.store_errors.inc()
+    LOG.warning("store failed", extra={"event": "store-error", "store": service.store_name, "status": error.status})
+    if error.status in (400, 404, 409, 412, 422):  # the store refused what this request asked for
+        diagnostics = f"The store refused the write (HTTP {error.status}); nothing was written."
+        return outcome_reply(request, [Issue("processing", diagnostics)], 409 if error.status == 412 else 422)
+    diagnostics = "The store is unavailable; nothing was written. Try again later."
+    return outcome_reply(request, [Issue("transient", diagnostics)], 503, {"Retry-After": "5"})
+
+
+async def http_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, HTTPException)
+    code = ISSUE_CODES.get(error.status_code, "processing")
+    issue = Issue(code, f"{error.detail.rstrip('.')}." if error.detail else "Not found.")
+    return outcome_reply(request, [issue], error.status_code, dict(error.headers or {}))
+
+
+class CatchAll:
+    """ASGI middleware: a bug is logged by its type only (never the request's content or a traceback,
+    which could quote a patient's answers) and answered with a plain OperationOutcome."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as error:
+            LOG.error("unexpected error", extra={"event": "crash", "reason": type(error).__name__})
+            if scope["type"] != "http":
+                raise
+            if started:
+                return  # the answer is half sent: nothing better to do than stop
+            outcome = operation_outcome([Issue("exception", "An internal error occurred; nothing was written.")])
+            await formats.reply(outcome, formats.wanted(Request(scope)), 500)(scope, receive, send)

@@ -1,0 +1,129 @@
+"""The patient form: a Questionnaire as fields to render, and submitted fields back as a QuestionnaireResponse.
+
+Pure functions, so the page handlers stay thin. Answers to items that
+their enableWhen disables are dropped here (a browser without JavaScript
+shows every question), so the checker never refuses a form for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from plugin.checking import is_enabled
+from plugin.questionnaire import MAX_VALUE, MIN_VALUE, CompiledQuestionnaire
+
+UNIT = "http://hl7.org/fhir/StructureDefinition/questionnaire-unit"
+ENTRY_FORMAT = "http://hl7.org/fhir/StructureDefinition/entryFormat"
+BOOLEAN_OPTIONS = (("true", "Yes"), ("false", "No"))
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One item as the template draws it."""
+
+    link_id: str
+    text: str
+    type: str  # group, choice, boolean, integer, decimal, string, display
+    options: tuple[tuple[str, str], ...] = ()  # (value, label) for choice and boolean
+    minimum: int | float | None = None
+    maximum: int | float | None = None
+    unit: str | None = None
+    hint: str | None = None
+    enable_when: str | None = None  # JSON for the page's script: [{question, operator, answer}]
+    enable_all: bool = True
+    children: tuple[Field, ...] = ()
+
+
+def fields(questionnaire: dict) -> tuple[Field, ...]:
+    return tuple(_field(item) for item in questionnaire.get("item", []))
+
+
+def _field(item: dict) -> Field:
+    extensions = {e["url"]: e for e in item.get("extension", [])}
+    kind = item["type"]
+    options: tuple[tuple[str, str], ...] = BOOLEAN_OPTIONS if kind == "boolean" else tuple(
+        (o["valueCoding"]["code"], o["valueCoding"].get("display", o["valueCoding"]["code"]))
+        for o in item.get("answerOption", []))
+    conditions = [{"question": c["question"], "operator": c["operator"],
+                   "answer": next((v.get("code") if k == "answerCoding" else v)
+                                  for k, v in c.items() if k.startswith("answer"))}
+                  for c in item.get("enableWhen", [])]
+    return Field(
+        link_id=item["linkId"], text=item.get("text", ""), type=kind, options=options,
+        minimum=_number(extensions.get(MIN_VALUE)), maximum=_number(extensions.get(MAX_VALUE)),
+        unit=(extensions.get(UNIT) or {}).get("valueCoding", {}).get("display"),
+        hint=(extensions.get(ENTRY_FORMAT) or {}).get("valueString"),
+        enable_when=orjson.dumps(conditions).decode() if conditions else None,
+        enable_all=item.get("enableBehavior", "all") == "all",
+        children=tuple(_field(child) for child in item.get("item", [])),
+    )
+
+
+def _number(extension: dict | None) -> int | float | None:
+    return None if extension is None else extension.get("valueInteger", extension.get("valueDecimal"))
+
+
+def response(questionnaire: dict, compiled: CompiledQuestionnaire, submitted: Mapping[str, str],
+             subject: str | None, now: datetime) -> dict:
+    """A completed QuestionnaireResponse from the submitted fields (linkId -> raw value).
+
+    A value that cannot be read (e.g. "abc" for an age) is passed on as text,
+    so the checker reports it against its item like any other wrong answer.
+    """
+    facts = {link_id: _value(compiled.items[link_id].type, raw) for link_id, raw in submitted.items()
+             if link_id in compiled.items and compiled.items[link_id].answer_key and raw.strip()}
+    facts = {k: v for k, v in facts.items() if is_enabled(compiled.items[k], facts)}
+    qr: dict[str, Any] = {
+        "resourceType": "QuestionnaireResponse",
+        "questionnaire": f"{questionnaire['url']}|{questionnaire['version']}",
+        "status": "completed",
+        "authored": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "item": _items(questionnaire.get("item", []), compiled, facts),
+    }
+    if subject:
+        qr["subject"] = {"reference": subject}
+    return qr
+
+
+def _items(items: list[dict], compiled: CompiledQuestionnaire, facts: dict[str, Any]) -> list[dict]:
+    out = []
+    for item in items:
+        link_id = item["linkId"]
+        if item["type"] == "group":
+            children = _items(item.get("item", []), compiled, facts)
+            if children:
+                out.append({"linkId": link_id, "item": children})
+        elif link_id in facts:
+            key = compiled.items[link_id].answer_key
+            value = facts[link_id]
+            if key == "valueCoding":
+                system = (compiled.items[link_id].codes or {}).get(value)
+                value = {"system": system, "code": value} if system else {"code": value}
+            elif not isinstance(value, _TYPES.get(key or "", object)):
+                key = "valueString"  # unreadable: the checker will say so
+            out.append({"linkId": link_id, "answer": [{key: value}]})
+    return out
+
+
+_TYPES: dict[str, type | tuple[type, ...]] = {"valueBoolean": bool, "valueInteger": int,
+                                              "valueDecimal": (int, float), "valueString": str,
+                                              "valueCoding": str}
+
+
+def _value(kind: str, raw: str) -> Any:
+    raw = raw.strip()
+    try:
+        if kind == "boolean":
+            return {"true": True, "false": False}.get(raw, raw)
+        if kind == "integer":
+            return int(raw)
+        if kind == "decimal":
+            return float(raw)
+    except ValueError:
+        return raw
+    return raw

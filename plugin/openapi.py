@@ -1,0 +1,98 @@
+"""The OpenAPI 3.1 description of the service (`GET /openapi.json`), for integrators and API fuzzers."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from plugin import __version__
+
+FHIR_TYPES = ("application/fhir+json", "application/fhir+xml")
+RESOURCE = {"type": "object", "required": ["resourceType"], "properties": {"resourceType": {"type": "string"}}}
+QR = {
+    "type": "object", "required": ["resourceType", "status", "questionnaire"],
+    "properties": {
+        "resourceType": {"const": "QuestionnaireResponse"},
+        "id": {"type": "string", "pattern": "^[A-Za-z0-9\\-.]{1,64}$"},
+        "status": {"enum": ["in-progress", "completed", "amended", "entered-in-error", "stopped"]},
+        "questionnaire": {"type": "string"},
+        "subject": {"type": "object", "properties": {"reference": {"type": "string"}}},
+        "authored": {"type": "string"},
+        "item": {"type": "array", "items": {"type": "object"}},
+    },
+}
+PARAMETERS = {"type": "object", "required": ["resourceType", "parameter"],
+              "properties": {"resourceType": {"const": "Parameters"}, "parameter": {"type": "array"}}}
+FORMAT = {"name": "_format", "in": "query", "required": False, "schema": {"enum": ["json", "xml"]}}
+SECRET = {"name": "X-Notification-Secret", "in": "header", "required": True, "schema": {"type": "string"}}
+ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[A-Za-z0-9\\-.]{1,64}$"}}
+
+
+def _content(schema: dict) -> dict:
+    return {media: {"schema": schema} for media in FHIR_TYPES}
+
+
+def _answers(*statuses: int, html: bool = False) -> dict:
+    answers: dict = {}
+    for status in statuses:
+        content = {"text/html": {"schema": {"type": "string"}}} if html and status == 200 else _content(RESOURCE)
+        answers[str(status)] = {"description": "OperationOutcome" if status >= 400 else "OK", "content": content}
+    return answers
+
+
+def _op(summary: str, answers: dict, body: dict | None = None, params: list | None = None,
+        security: bool = False) -> dict:
+    op: dict = {"summary": summary, "responses": answers, "parameters": params or [FORMAT]}
+    if body:
+        op["requestBody"] = {"required": True, "content": _content(body)}
+    if security:
+        op["security"] = [{"bearer": []}, {}]  # the token is needed only when one is configured
+    return op
+
+
+def _definitions(kind: str) -> dict:
+    search = [FORMAT, *({"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
+                        for n in ("url", "version", "_id"))]
+    return {
+        f"/{kind}": {"get": _op(f"Search the published {kind}s", _answers(200, 400), params=search)},
+        f"/{kind}/{{id}}": {"get": _op(f"Read a published {kind}", _answers(200, 404), params=[ID, FORMAT])},
+    }
+
+
+def document() -> dict:
+    qr_or_parameters = {"oneOf": [QR, PARAMETERS]}
+    plain = {"200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "backpain-screen", "version": __version__,
+                 "description": "Back-pain screening for axial spondyloarthritis and red flags (FHIR R4)."},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": {
+            "/metadata": {"get": _op("The CapabilityStatement", _answers(200))},
+            **_definitions("Questionnaire"),
+            **_definitions("CodeSystem"),
+            "/QuestionnaireResponse/$extract": {"post": _op(
+                "SDC $extract: score a response, return the result Bundle, write nothing",
+                _answers(200, 400, 413, 415), body=qr_or_parameters)},
+            "/QuestionnaireResponse": {"post": _op(
+                "Score a response and write it with its results in one transaction",
+                _answers(200, 201, 400, 401, 413, 415, 422, 503), body=QR, security=True)},
+            "/QuestionnaireResponse/{id}": {"put": _op(
+                "Subscription notification with a payload: write the response's results",
+                _answers(200, 400, 401, 403, 413, 415, 503), body=QR, params=[ID, SECRET, FORMAT])},
+            "/notify": {"post": _op("Subscription notification without a payload: catch up",
+                                    {"202": {"description": "Accepted"}, **_answers(401, 403)}, params=[SECRET])},
+            "/results/{id}": {"get": _op(
+                "A response's results: HTML for a clinician, a Bundle for machines",
+                _answers(200, 401, 404, html=True), params=[ID, FORMAT], security=True)},
+            "/healthz": {"get": {"summary": "Alive", "responses": plain}},
+            "/readyz": {"get": {"summary": "Ready: the store answers",
+                                "responses": {**plain, "503": {"description": "Store unavailable"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics",
+                                 "responses": {"200": {"description": "OK", "content": {"text/plain": {}}}}}},
+        },
+    }
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(document())

@@ -1,0 +1,63 @@
+"""What the running service holds: settings, the Screener, the store, metrics, the catch-up loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from plugin.fhir_client import FhirError
+from plugin.observability import Metrics, event
+from plugin.pipeline import Screener
+from plugin.settings import ServiceSettings
+from plugin.store import Store, open_store
+from plugin.sync import SyncBusy, default_state_file, sync
+from plugin.writeback import Written
+
+
+class Service:
+    def __init__(self, settings: ServiceSettings, store: Store | None = None) -> None:
+        self.settings = settings
+        self.screener = Screener(settings.scoring())
+        self.store = store or open_store(settings.fhir_base_url, settings.fhir_bearer_token, settings.store_path)
+        self.metrics = Metrics()
+        self.catching_up: asyncio.Task | None = None
+        self.again = False  # a notification came while a catch-up ran: run once more after it
+
+    @property
+    def store_name(self) -> str:
+        return "fhir-server" if self.settings.fhir_base_url else "embedded"
+
+    async def close(self) -> None:
+        if self.catching_up:
+            self.catching_up.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.catching_up
+        await self.store.__aexit__(None, None, None)
+
+    def count(self, label: str) -> None:
+        self.metrics.outcomes.labels(label).inc()
+
+    def log_written(self, label: str, written: list[Written]) -> None:
+        response = next((w.location for w in written if w.location.startswith("QuestionnaireResponse/")), None)
+        event("scored", event="scored", response=response, outcome=label, written=sum(w.changed for w in written))
+
+    def catch_up(self) -> None:
+        """Starts a catch-up sync in the background; notifications arriving meanwhile make it run once more."""
+        if self.catching_up and not self.catching_up.done():
+            self.again = True
+            return
+        self.catching_up = asyncio.get_running_loop().create_task(self._catch_up())
+
+    async def _catch_up(self) -> None:
+        while True:
+            self.again = False
+            try:
+                counts = await sync(self.store, self.screener, default_state_file())
+                event("catch-up done", event="sync", written=counts.get("written", 0))
+            except SyncBusy:
+                event("catch-up skipped: another sync is running", event="sync", reason="busy")
+            except FhirError as error:
+                self.metrics.store_errors.inc()
+                event("catch-up failed", event="sync", reason=f"HTTP {error.status}" if error.status else "unreachable")
+            if not self.again:
+                return
