@@ -23,7 +23,6 @@ import contextlib
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -67,16 +66,15 @@ async def plugin_submit(base_url: str, screener: Screener, qrs: list[dict]) -> f
 
 
 async def plugin_sync(base_url: str, screener: Screener, qrs: list[dict]) -> float:
-    since = (datetime.now(UTC) - timedelta(seconds=1)).isoformat().replace("+00:00", "Z")  # only these
     with httpx.Client(base_url=base_url, headers=HEADERS, timeout=60) as client:
-        for qr in qrs:
-            client.put(f"/QuestionnaireResponse/{qr['id']}", content=orjson.dumps(qr)).raise_for_status()
+        stored = [client.put(f"/QuestionnaireResponse/{qr['id']}", content=orjson.dumps(qr)) for qr in qrs]
+    since = min(answer.raise_for_status().json()["meta"]["lastUpdated"] for answer in stored)  # the server's clock
     with tempfile.TemporaryDirectory() as state:
         async with FhirClient(base_url) as client:
             start = time.perf_counter()
             counts = await sync(client, screener, Path(state) / "state.json", since)
             elapsed = time.perf_counter() - start
-    assert counts["written"] >= len(qrs), counts
+    assert counts["written"] == len(qrs) and not counts["up-to-date"], counts  # these, and only these
     return elapsed
 
 
