@@ -145,8 +145,7 @@ class Visit:
         self.requests.append(request.url)
 
     def on_console(self, message: ConsoleMessage) -> None:
-        # The browser asks for /favicon.ico by itself; the service has none, and that 404 says nothing about the page.
-        if message.type == "error" and not message.location.get("url", "").endswith("/favicon.ico"):
+        if message.type == "error":  # a missing icon, a CSP violation, a script error: all count
             self.errors.append(f"{message.text} ({message.location.get('url')})")
 
 
