@@ -51,13 +51,12 @@ CREATE INDEX resources_updated ON resources (type, last_updated);
 CREATE TABLE history (  -- earlier versions (the current one is in resources: a create writes its JSON once)
     pid INTEGER NOT NULL, version INTEGER NOT NULL, last_updated TEXT NOT NULL, json TEXT NOT NULL,
     PRIMARY KEY (pid, version));
-CREATE TABLE tokens (type TEXT NOT NULL, param TEXT NOT NULL, system TEXT NOT NULL, value TEXT NOT NULL,
-                     pid INTEGER NOT NULL);
-CREATE INDEX tokens_search ON tokens (type, param, value, system, pid);  -- from a value to its resources
+CREATE TABLE tokens (  -- the table is its own index (no rowid): from a value to its resources
+    type TEXT NOT NULL, param TEXT NOT NULL, value TEXT NOT NULL, system TEXT NOT NULL, pid INTEGER NOT NULL,
+    PRIMARY KEY (type, param, value, system, pid)) WITHOUT ROWID;
 CREATE INDEX tokens_owner ON tokens (pid, param, value, system);  -- does this resource have that value?
-CREATE TABLE dates (type TEXT NOT NULL, param TEXT NOT NULL, low TEXT NOT NULL, high TEXT NOT NULL,
-                    pid INTEGER NOT NULL);
-CREATE INDEX dates_owner ON dates (pid, param, low, high);
+CREATE TABLE dates (pid INTEGER NOT NULL, param TEXT NOT NULL, low TEXT NOT NULL, high TEXT NOT NULL,
+                    PRIMARY KEY (pid, param, low, high)) WITHOUT ROWID;
 CREATE TABLE clock (only INTEGER PRIMARY KEY CHECK (only = 0), last TEXT NOT NULL);  -- the last lastUpdated
 """  # (no semicolons in the comments: the statements are split on them)
 RESOURCE_TYPES = frozenset("""
@@ -400,10 +399,11 @@ class _Writer:
             self.conn.execute("DELETE FROM dates WHERE pid = ?", [pid])
         tokens, dates = search.index_rows(resource)
         kind = resource["resourceType"]
-        self.conn.executemany("INSERT INTO tokens (type, param, system, value, pid) VALUES (?, ?, ?, ?, ?)",
+        # OR IGNORE: a resource may repeat a value (two codings alike); it is indexed once
+        self.conn.executemany("INSERT OR IGNORE INTO tokens (type, param, system, value, pid) VALUES (?, ?, ?, ?, ?)",
                               [(kind, *token, pid) for token in tokens])
-        self.conn.executemany("INSERT INTO dates (type, param, low, high, pid) VALUES (?, ?, ?, ?, ?)",
-                              [(kind, *span, pid) for span in dates])
+        self.conn.executemany("INSERT OR IGNORE INTO dates (param, low, high, pid) VALUES (?, ?, ?, ?)",
+                              [(*span, pid) for span in dates])
 
     def _check_references(self, referenced: dict[tuple[str, str], str]) -> None:
         """Referential integrity, as HAPI enforces it: every literal Type/id reference must exist."""
