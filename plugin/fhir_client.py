@@ -69,6 +69,7 @@ class FhirClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.holds_patients = True  # the EHR's server: a response's patient must be on it
         self.token = token
         self.retry = retry
         self.slots = asyncio.Semaphore(concurrency)

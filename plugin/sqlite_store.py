@@ -38,6 +38,10 @@ from plugin.sqlite_search import ID, literal_reference, refused
 
 T = TypeVar("T")
 SCHEMA_VERSION = 1
+# Records the embedded store does not keep: they live in the clinic's own systems, so references to them
+# cannot be checked here (a stand-alone clinic has no Patient resources to load).
+EXTERNAL = frozenset({"Patient", "Practitioner", "PractitionerRole", "RelatedPerson", "Encounter", "Organization",
+                      "Location", "Group"})
 BUSY_TIMEOUT = 15.0  # seconds a writer waits for another process's transaction before answering 503
 SCHEMA = """
 CREATE TABLE resources (
@@ -119,6 +123,7 @@ class SqliteStore:
     def __init__(self, path: str | Path, *, busy_timeout: float = BUSY_TIMEOUT) -> None:
         self.path = Path(path).expanduser().resolve()
         self.base_url = f"sqlite://{self.path}"  # sqlite:///abs/path: the sync watermark is kept per file
+        self.holds_patients = False  # see EXTERNAL
         self.busy_timeout = busy_timeout
         self._owner = 0  # the process that made the worker and connection (they must not cross a fork)
         self._worker: ThreadPoolExecutor | None = None
@@ -406,8 +411,11 @@ class _Writer:
                               [(*span, pid) for span in dates])
 
     def _check_references(self, referenced: dict[tuple[str, str], str]) -> None:
-        """Referential integrity, as HAPI enforces it: every literal Type/id reference must exist."""
+        """Referential integrity, as HAPI enforces it: a literal Type/id reference must exist, except to
+        the records the clinic keeps elsewhere (EXTERNAL: patients, staff, encounters)."""
         for (kind, target), path in referenced.items():
+            if kind in EXTERNAL:
+                continue
             if not self.conn.execute("SELECT 1 FROM resources WHERE type = ? AND id = ?", [kind, target]).fetchone():
                 raise refused(400, "processing", f"HAPI-1094: Resource {kind}/{target} not found, specified in "
                                                  f"path: {path}.", path)

@@ -16,6 +16,7 @@ from typing import Protocol
 
 class Store(Protocol):
     base_url: str  # names the store (the sync watermark is kept per store)
+    holds_patients: bool  # whether a response's Patient must be in the store before results are written
 
     async def __aenter__(self) -> Store: ...
 

@@ -133,20 +133,23 @@ async def read_states(client: Store, jobs: list[Job], *, with_responses: bool,
     about a patient the EHR does not know would be orphans, so nothing is
     written and the caller is told (as InvalidInput: it is the response that is wrong).
     """
-    urls = [_search("Observation", systems.SID_OBSERVATION, [k for j in jobs for k in j.observation_keys]),
-            _search("Task", systems.SID_TASK, [k for j in jobs for k in j.task_keys])]
+    observation_keys = [k for job in jobs for k in job.observation_keys]
+    task_keys = [k for job in jobs for k in job.task_keys]  # none for BASDAI, which suggests no Tasks
+    urls = [_search("Observation", systems.SID_OBSERVATION, observation_keys)]
+    urls += [_search("Task", systems.SID_TASK, task_keys)] if task_keys else []
+    searched = len(urls)
     if with_responses:
         urls += [_response_url(job.qr) for job in jobs]
     subjects = sorted({ref for job in jobs if (ref := job.qr["subject"]["reference"]).startswith("Patient/")}
-                      if check_patient else ())
+                      if check_patient and client.holds_patients else ())
     found = await client.read_many(urls + subjects)
     for subject, patient in zip(subjects, found[len(urls):]):
         if patient is None:
             raise invalid("not-found", f"{subject} was not found in the record system: nothing was written.",
                           "QuestionnaireResponse.subject")
     observations = _by_identifier(found[0], systems.SID_OBSERVATION)
-    tasks = _by_identifier(found[1], systems.SID_TASK)
-    responses = found[2:len(urls)] if with_responses else [None] * len(jobs)
+    tasks = _by_identifier(found[1], systems.SID_TASK) if task_keys else {}
+    responses = found[searched:len(urls)] if with_responses else [None] * len(jobs)
     return [ServerState({k: observations[k] for k in job.observation_keys if k in observations},
                         {k: tasks[k] for k in job.task_keys if k in tasks}, _first_match(response))
             for job, response in zip(jobs, responses)]
