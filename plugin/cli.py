@@ -15,11 +15,12 @@ import orjson
 
 from plugin import __version__
 from plugin.batch import run_batch, summary
-from plugin.fhir_client import FhirClient, FhirError, bearer
+from plugin.fhir_client import FhirError
 from plugin.outcome import InvalidInput, invalid
 from plugin.parsing import parse_body
 from plugin.pipeline import Outcome, Screener
-from plugin.settings import Settings
+from plugin.settings import Settings, service_settings
+from plugin.store import Store, open_store
 from plugin.sync import SyncBusy, default_state_file, sync
 from plugin.writeback import Written, publish, submit
 
@@ -88,15 +89,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _server(parser: argparse.ArgumentParser) -> None:
-    from_env = os.environ.get("FHIR_BASE_URL")
-    parser.add_argument("--fhir-base-url", default=from_env, required=not from_env,
-                        help="the FHIR server's base URL (default: $FHIR_BASE_URL)")
+    parser.add_argument("--fhir-base-url", help="the FHIR server's base URL (default: $FHIR_BASE_URL; "
+                        "without one, the embedded store)")
+    parser.add_argument("--store", help="the embedded store's file (default: $BACKPAIN_STORE or "
+                        "$XDG_STATE_HOME/backpain-screen/store.sqlite3)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
 
 
-def _client(args: argparse.Namespace) -> FhirClient:
-    token = os.environ.get("FHIR_BEARER_TOKEN")
-    return FhirClient(args.fhir_base_url, token=bearer(token) if token else None, timeout=args.timeout)
+def _client(args: argparse.Namespace) -> Store:
+    """The FHIR server when one is given (flag or environment), else the embedded store."""
+    chosen = service_settings(fhir_base_url=args.fhir_base_url, store_path=args.store)
+    return open_store(chosen.fhir_base_url, chosen.fhir_bearer_token, chosen.store_path, timeout=args.timeout)
 
 
 def _publish(args: argparse.Namespace, settings: Settings) -> int:
@@ -166,7 +169,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     """uvicorn with uvloop and httptools; each worker builds the app from the environment, so flags go there."""
     import uvicorn
 
-    from plugin.settings import SERVICE_SETTINGS, service_settings
+    from plugin.settings import SERVICE_SETTINGS
 
     flags = {"host": args.host, "port": args.port, "workers": args.workers, "store_path": args.store,
              "fhir_base_url": args.fhir_base_url, "strategy": args.strategy}

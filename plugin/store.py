@@ -44,13 +44,13 @@ class Store(Protocol):
         """Conditional update (`PUT Type?params`): updates the one match or creates; the stored copy."""
 
 
-def open_store(fhir_base_url: str | None, bearer_token: str | None, store_path: Path) -> Store:
+def open_store(fhir_base_url: str | None, bearer_token: str | None, store_path: Path,
+               timeout: float = 30.0) -> Store:
     """The EHR's FHIR server when one is configured, else the embedded store."""
     if fhir_base_url:
         from plugin.fhir_client import FhirClient, bearer
 
-        return FhirClient(fhir_base_url, token=bearer(bearer_token) if bearer_token else None)
+        return FhirClient(fhir_base_url, token=bearer(bearer_token) if bearer_token else None, timeout=timeout)
     from plugin.sqlite_store import SqliteStore
 
-    store_path.parent.mkdir(parents=True, exist_ok=True)
     return SqliteStore(store_path)
