@@ -87,9 +87,9 @@ async def notified_with_payload(request: Request) -> Response:
     svc = service(request)
     require_notify_secret(request, svc.settings.notify_secret)
     qr = await read_response(request)
+    job = prepare(svc.screener, qr)  # checked first: only then is it known to be a response at all
     if qr.get("id") != request.path_params["id"]:
         raise invalid("invalid", "The response's id does not match the id in the URL.", "QuestionnaireResponse.id")
-    job = prepare(svc.screener, qr)
     svc.count(job.outcome.label)
     if not job.outcome.bundle.get("entry"):
         return written_reply(request, job.outcome.label, [])

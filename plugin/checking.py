@@ -39,6 +39,13 @@ KIND_NAMES = {str: "string", dict: "object", list: "array"}
 ITEM_KEYS = frozenset({"id", "extension", "modifierExtension", "linkId", "definition", "text", "answer", "item",
                        "_linkId", "_definition", "_text"})
 ANSWERED_ITEM_KEYS = ITEM_KEYS - {"item"}
+FAST_ITEM_KEYS = frozenset({"linkId", "text", "answer"})  # anything else goes the careful way
+# The JSON shape of the item elements the checker does not read itself (they are written back as they came).
+ITEM_SHAPES: dict[str, type] = {"id": str, "definition": str, "text": str, "extension": list,
+                                "modifierExtension": list, "_linkId": dict, "_definition": dict, "_text": dict}
+# Top-level elements whose contents only a full FHIR model can judge; checked with fhir.resources when present.
+MODELLED = frozenset({"meta", "implicitRules", "language", "text", "contained", "extension", "modifierExtension",
+                      "identifier", "basedOn", "partOf", "author", "source"})
 
 
 class _Walk:
@@ -107,6 +114,9 @@ def _name(value: Any) -> str:
 
 def _check_header(qr: dict) -> list[Issue]:
     issues = [issue for key, value in qr.items() if (issue := _element_shape(key, value))]
+    modelled = {k: v for k, v in qr.items() if k in MODELLED or k.startswith("_")}
+    if modelled and not issues:
+        issues += _model_issues(modelled)
     status = qr.get("status")
     if status is None:
         issues.append(Issue("required", "status is missing.", f"{ROOT}.status"))
@@ -130,6 +140,31 @@ def _check_header(qr: dict) -> list[Issue]:
     if authored is not None and not (isinstance(authored, str) and DATETIME.fullmatch(authored)):
         issues.append(Issue("value", "authored is not a valid FHIR dateTime.", f"{ROOT}.authored"))
     return issues
+
+
+def _model_issues(elements: dict) -> list[Issue]:
+    """What fhir.resources (R4B) finds wrong in the elements the checker does not read itself.
+
+    The rare path (most responses carry none of them), so the model's cost does not matter.
+    """
+    from fhir.resources.R4B.questionnaireresponse import QuestionnaireResponse
+    from pydantic import ValidationError
+
+    try:
+        QuestionnaireResponse.model_validate({"resourceType": ROOT, "status": "completed", **elements})
+    except ValidationError as error:
+        return [model_issue(ROOT, e, set(elements)) for e in error.errors()[:MAX_ISSUES]]
+    except (ValueError, TypeError):
+        return [Issue("structure", "Some elements are not valid FHIR.", ROOT)]
+    return []
+
+
+def model_issue(resource_type: str, error: Any, fields: set[str]) -> Issue:
+    """A pydantic error as an Issue; fhir.resources locates some only by element name: a path only when real."""
+    loc = error["loc"]
+    path = resource_type + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+    message = f"{str(error['msg']).rstrip('.')}."
+    return Issue("structure", message, path if loc and loc[0] in fields else None)
 
 
 def _element_shape(key: str, value: Any) -> Issue | None:
@@ -179,7 +214,8 @@ def _check_items(walk: _Walk, items: list, parent: str | None, path: str) -> Non
         # unusual falls through to the slow path below, which says exactly what is wrong.
         if type(item) is dict and (link_id := item.get("linkId")).__class__ is str and link_id not in seen:
             fast = quick.get(link_id)
-            if fast is not None and fast[0] == parent and ANSWERED_ITEM_KEYS.issuperset(item):
+            if (fast is not None and fast[0] == parent and FAST_ITEM_KEYS.issuperset(item)
+                    and type(item.get("text", "")) is str):
                 answers = item.get("answer")
                 if answers is None:
                     seen.add(link_id)
@@ -234,6 +270,12 @@ def _item_spec(walk: _Walk, item: dict, parent: str | None, where: str) -> ItemS
         names = ", ".join(_name(key) for key in unknown[:5])
         walk.problem("structure", f"Item {link_id!r} has elements a QuestionnaireResponse item does not define: "
                      f"{names}.", where)
+    for key, kind in ITEM_SHAPES.items():
+        if key in item and not isinstance(item[key], kind):
+            walk.problem("structure", f"{key} must be a JSON {KIND_NAMES[kind]}.", f"{where}.{key}")
+    for i, extension in enumerate(item.get("extension") or []):
+        if not (isinstance(extension, dict) and isinstance(extension.get("url"), str)):
+            walk.problem("structure", "An extension must be an object with a url.", f"{where}.extension[{i}]")
     return spec
 
 

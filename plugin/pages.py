@@ -78,7 +78,7 @@ def page(name: str, status: int = 200, **context: object) -> HTMLResponse:
 
 
 def error_page(request: Request, issues: list[Issue], status: int) -> Response:
-    return page("error.html", status, status=status, issues=issues)
+    return page("error.html", status, code=status, issues=issues)
 
 
 def _service(request: Request) -> Service:

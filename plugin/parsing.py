@@ -14,14 +14,18 @@ from typing import Any
 import orjson
 from lxml import etree
 
-from plugin.outcome import InvalidInput, Issue, invalid
+from plugin.checking import model_issue
+from plugin.outcome import InvalidInput, invalid
 from plugin.settings import MAX_BODY_BYTES
 
 FHIR_NS = "http://hl7.org/fhir"
 MAX_XML_DEPTH = 64
+MAX_JSON_DEPTH = 32  # a response nests ~8 levels; its Bundle adds 3
 DECLARATION = re.compile(rb"<!(DOCTYPE|ENTITY)", re.IGNORECASE)
 NO_DTD = "XML with a DOCTYPE or entity declarations is not accepted."
 UTF8_BOM = b"\xef\xbb\xbf"
+# A control character (other than tab, line feed, carriage return) escaped in a JSON string: FHIR forbids them.
+CONTROL = re.compile(rb"(?<!\\)(?:\\\\)*\\u00(?:0[0-8bcefBCEF]|1[0-9a-fA-F])|[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
 def xml_parser() -> etree.XMLParser:
@@ -47,11 +51,30 @@ def parse_body(body: bytes, content_type: str | None = None, max_bytes: int = MA
 
 
 def parse_json(body: bytes) -> Any:
+    if CONTROL.search(body):
+        raise invalid("structure", "The body holds control characters, which FHIR strings may not contain.")
     try:
-        return orjson.loads(body.removeprefix(UTF8_BOM))  # editors on Windows often add one
+        parsed = orjson.loads(body.removeprefix(UTF8_BOM))  # editors on Windows often add one
     except orjson.JSONDecodeError as error:
         reason = "it is nested too deeply" if "recursion" in str(error) else f"{error.msg} at position {error.pos}"
         raise invalid("structure", f"The body is not valid JSON: {reason}.") from None
+    # Items nest only as deep as their Questionnaire (the checker follows nothing else); extensions and
+    # contained resources can nest freely, and what is written back and rendered as XML must stay shallow.
+    if (b'"extension"' in body or b'"contained"' in body) and too_deep(parsed, MAX_JSON_DEPTH):
+        raise invalid("too-costly", f"The body is nested more than {MAX_JSON_DEPTH} levels deep.")
+    return parsed
+
+
+def too_deep(value: Any, limit: int) -> bool:
+    """Whether a parsed JSON value nests more than `limit` levels (iteratively: no recursion to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def parse_xml(body: bytes) -> dict:
@@ -97,15 +120,7 @@ def _to_json(root: etree._Element, resource_type: str) -> dict:
         model = model_class.model_validate_xml(etree.tostring(root), xmlparser=xml_parser())
     except ValidationError as error:
         fields = {f.alias or name for name, f in model_class.model_fields.items()}
-        raise InvalidInput([_issue(resource_type, e, fields) for e in error.errors()[:100]]) from None
+        raise InvalidInput([model_issue(resource_type, e, fields) for e in error.errors()[:100]]) from None
     except (ValueError, TypeError, KeyError, AttributeError):
         raise invalid("structure", f"The XML is not a valid FHIR {resource_type}.") from None
     return model.model_dump(mode="json", by_alias=True, exclude_none=True)
-
-
-def _issue(resource_type: str, error: dict, fields: set[str]) -> Issue:
-    """fhir.resources locates some errors only by element name: give a path only when it is real."""
-    loc = error["loc"]
-    path = resource_type + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
-    message = f"{str(error['msg']).rstrip('.')}."
-    return Issue("structure", message, path if loc and loc[0] in fields else None)
