@@ -55,6 +55,16 @@ class Metrics:
                                registry=self.registry)
         self.store_errors = Counter("backpain_store_errors", "Store or FHIR server failures", registry=self.registry)
         self.in_flight = Gauge("backpain_http_in_flight", "Requests being handled", registry=self.registry)
+        self._children: dict[tuple[str, str, int], tuple] = {}  # labels() costs more than the count itself
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (self.requests.labels(method, route, str(status)), self.latency.labels(route))
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 class RequestMetrics:
@@ -84,9 +94,8 @@ class RequestMetrics:
             self.metrics.in_flight.dec()
             route = _route(scope)
             elapsed = time.perf_counter() - start
-            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(elapsed)
-            if route != "/metrics":
+            self.metrics.observe(scope["method"], route, status, elapsed)
+            if route != "/metrics" and LOG.isEnabledFor(logging.DEBUG):
                 LOG.debug("request", extra={"event": "request", "method": scope["method"], "route": route,
                                             "status": status, "ms": round(elapsed * 1000, 2)})
 
