@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from datetime import UTC, datetime
+from urllib.parse import parse_qsl
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.requests import Request
@@ -132,8 +133,6 @@ async def submitted(request: Request) -> Response:
 
 
 def _form_values(raw: bytes) -> dict[str, str]:
-    from urllib.parse import parse_qsl
-
     try:
         pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, max_num_fields=500, strict_parsing=False)
     except (UnicodeDecodeError, ValueError):
