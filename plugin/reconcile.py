@@ -55,9 +55,10 @@ def plan(bundle: dict, observations: dict[str, dict], tasks: dict[str, dict], *,
         kind = resource["resourceType"]
         if kind == "Provenance":
             provenance = entry
-        elif kind == "QuestionnaireResponse" and stored_response and (
-                not include_response or _same_response(resource, stored_response)):
-            resolved[entry["fullUrl"]] = f"QuestionnaireResponse/{stored_response['id']}"  # on the server already
+        elif kind == "QuestionnaireResponse" and stored_response:
+            resolved[entry["fullUrl"]] = f"QuestionnaireResponse/{stored_response['id']}"
+            if include_response and not _same_response(resource, stored_response):  # a new version of it
+                entries.append(_update(entry["fullUrl"], {**resource, "id": stored_response["id"]}, stored_response))
         elif kind == "Observation":
             entries += _observation(entry, observations, resolved)
         elif kind == "Task":

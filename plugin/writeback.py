@@ -109,6 +109,7 @@ async def write(client: Store, job: Job, state: ServerState, *, stored_response:
     for attempt in range(CONFLICT_RETRIES + 1):
         if attempt:
             state = (await read_states(client, [job], with_responses=stored_response is None))[0]
+        _same_patient(job.qr, stored_response or state.response)
         todo = plan(job.outcome.bundle, state.observations, state.tasks,
                     stored_response=stored_response or state.response, include_response=stored_response is None,
                     retracted=job.qr["status"] == "entered-in-error")
@@ -123,6 +124,13 @@ async def write(client: Store, job: Job, state: ServerState, *, stored_response:
             raise
         return kept + [Written(_location(e), e["response"]["status"].split()[0]) for e in response.get("entry", [])]
     raise AssertionError("unreachable")
+
+
+def _same_patient(qr: dict, stored: dict | None) -> None:
+    """A response id or identifier already used for another patient's response: refuse, never overwrite it."""
+    if stored and stored.get("subject", {}).get("reference") != qr["subject"]["reference"]:
+        raise invalid("conflict", "A response with this id or identifier is already stored for another patient: "
+                      "nothing was written.", "QuestionnaireResponse.id", status=409)
 
 
 async def read_states(client: Store, jobs: list[Job], *, with_responses: bool,

@@ -112,3 +112,27 @@ def test_sync_scores_responses_put_straight_in_the_store(db: Path, tmp_path: Pat
     assert len(found(db, "Observation", subject=patient)) == 14
     again = cli(db, "sync", "--state", str(state))
     assert "written" not in orjson.loads(again.stdout)
+
+
+def test_a_response_id_used_for_another_patient_is_refused_not_overwritten(db: Path):
+    body = for_patient("qr-emergency.json", f"Patient/{uuid.uuid4()}")
+    submitted(db, body)
+    other = orjson.loads(body)
+    other["subject"] = {"reference": f"Patient/{uuid.uuid4()}"}
+    refused = cli(db, "submit", "-", stdin=orjson.dumps(other))
+    assert refused.returncode == 2 and "another patient" in refused.stderr.decode()
+    stored = on_store(db, lambda store: store.read(f"QuestionnaireResponse/{other['id']}"))
+    assert stored["subject"] == orjson.loads(body)["subject"] and stored["meta"]["versionId"] == "1"
+
+
+def test_an_amended_response_known_by_its_identifier_is_stored_in_its_new_version(db: Path):
+    patient = f"Patient/{uuid.uuid4()}"
+    qr = orjson.loads(for_patient("qr-emergency.json", patient))
+    del qr["id"]
+    qr["identifier"] = {"system": "https://portal.example/responses", "value": str(uuid.uuid4())}
+    submitted(db, orjson.dumps(qr))
+    report = submitted(db, amend(orjson.dumps(qr), "amended", **{"rf-saddle-numbness": False}))
+    assert report["outcome"] == "not-applicable"
+    ident = qr["identifier"]
+    (stored,) = found(db, "QuestionnaireResponse", identifier=f"{ident['system']}|{ident['value']}")
+    assert stored["status"] == "amended" and stored["meta"]["versionId"] == "2"
