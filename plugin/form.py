@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from plugin.checking import is_enabled
-from plugin.questionnaire import MAX_VALUE, MIN_VALUE, CompiledQuestionnaire
+from plugin.questionnaire import MAX_VALUE, MIN_VALUE, SLOW, CompiledQuestionnaire, ItemSpec
 
 UNIT = "http://hl7.org/fhir/StructureDefinition/questionnaire-unit"
 ENTRY_FORMAT = "http://hl7.org/fhir/StructureDefinition/entryFormat"
@@ -69,14 +69,24 @@ def _number(extension: dict | None) -> int | float | None:
 
 
 def response(questionnaire: dict, compiled: CompiledQuestionnaire, submitted: Mapping[str, str],
-             subject: str | None, now: datetime) -> dict:
-    """A completed QuestionnaireResponse from the submitted fields (linkId -> raw value).
+             subject: str | None, now: datetime) -> tuple[dict, list[str]]:
+    """A completed QuestionnaireResponse from the submitted fields (linkId -> raw value), and the
+    linkIds of answers that could not be read ("abc" or 300 for an age).
 
-    A value that cannot be read (e.g. "abc" for an age) is passed on as text,
-    so the checker reports it against its item like any other wrong answer.
+    Those are left out, as if unanswered, rather than refusing the form: the
+    other answers are still scored, so an emergency red flag is never hidden
+    behind a typing slip (a missing answer can only make a result "unknown").
     """
-    facts = {link_id: _value(compiled.items[link_id].type, raw) for link_id, raw in submitted.items()
-             if link_id in compiled.items and compiled.items[link_id].answer_key and raw.strip()}
+    facts, unreadable = {}, []
+    for link_id, raw in submitted.items():
+        spec = compiled.items.get(link_id)
+        if spec is None or not spec.answer_key or not raw.strip():
+            continue
+        value = _value(spec.type, raw)
+        if spec.accept and spec.accept(_as_answer(spec, value)) is SLOW:
+            unreadable.append(link_id)
+        else:
+            facts[link_id] = value
     facts = {k: v for k, v in facts.items() if is_enabled(compiled.items[k], facts)}
     qr: dict[str, Any] = {
         "resourceType": "QuestionnaireResponse",
@@ -87,7 +97,25 @@ def response(questionnaire: dict, compiled: CompiledQuestionnaire, submitted: Ma
     }
     if subject:
         qr["subject"] = {"reference": subject}
-    return qr
+    return qr, unreadable
+
+
+def texts(questionnaire: dict) -> dict[str, str]:
+    """Each item's question, by linkId."""
+    found: dict[str, str] = {}
+    stack = list(questionnaire.get("item", []))
+    while stack:
+        item = stack.pop()
+        found[item["linkId"]] = item.get("text", item["linkId"])
+        stack.extend(item.get("item", []))
+    return found
+
+
+def _as_answer(spec: ItemSpec, value: Any) -> Any:
+    """The value as the item's answer[x] carries it (a Coding for a choice), for the item's own test."""
+    if spec.type == "choice":
+        return {"code": value, "system": (spec.codes or {}).get(value, "")} if isinstance(value, str) else value
+    return value
 
 
 def _items(items: list[dict], compiled: CompiledQuestionnaire, facts: dict[str, Any]) -> list[dict]:
@@ -102,17 +130,9 @@ def _items(items: list[dict], compiled: CompiledQuestionnaire, facts: dict[str, 
             key = compiled.items[link_id].answer_key
             value = facts[link_id]
             if key == "valueCoding":
-                system = (compiled.items[link_id].codes or {}).get(value)
-                value = {"system": system, "code": value} if system else {"code": value}
-            elif not isinstance(value, _TYPES.get(key or "", object)):
-                key = "valueString"  # unreadable: the checker will say so
+                value = {"system": (compiled.items[link_id].codes or {})[value], "code": value}
             out.append({"linkId": link_id, "answer": [{key: value}]})
     return out
-
-
-_TYPES: dict[str, type | tuple[type, ...]] = {"valueBoolean": bool, "valueInteger": int,
-                                              "valueDecimal": (int, float), "valueString": str,
-                                              "valueCoding": str}
 
 
 def _value(kind: str, raw: str) -> Any:

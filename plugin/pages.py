@@ -19,9 +19,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from plugin import data, form, formats
-from plugin.outcome import Issue, invalid
+from plugin.fhir_client import FhirError
+from plugin.observability import event
+from plugin.outcome import InvalidInput, Issue, invalid
 from plugin.security import refused, require_bearer, same
 from plugin.service import Service
+from plugin.settings import ServiceSettings
 from plugin.writeback import prepare, read_states, submit
 
 TEMPLATES = Environment(loader=PackageLoader("plugin", "templates"), autoescape=select_autoescape(["html"]),
@@ -95,9 +98,17 @@ def signature(patient: str, secret: str) -> str:
     return hmac.new(secret.encode(), patient.encode(), hashlib.sha256).hexdigest()
 
 
-def _patient(request_values: dict[str, str], secret: str | None) -> str | None:
-    """The patient named by the link, when its signature holds (or no secret is configured)."""
+def _patient(request_values: dict[str, str], settings: ServiceSettings) -> str | None:
+    """The patient named by the link, when its signature holds.
+
+    Without a form secret a link is trusted only while the rest of the API is
+    open too: with an ingest token set, an unsigned form must not become a
+    way round it (anyone could write results for any patient).
+    """
     patient = (request_values.get("patient") or "").strip() or None
+    secret = settings.form_secret
+    if patient and secret is None and settings.ingest_token is not None:
+        raise refused(403)
     if patient and secret and not same(request_values.get("sig"), signature(patient, secret)):
         raise refused(403)
     if patient and not patient.startswith("Patient/"):
@@ -107,29 +118,43 @@ def _patient(request_values: dict[str, str], secret: str | None) -> str | None:
 
 async def form_page(request: Request) -> Response:
     values = dict(request.query_params)
-    patient = _patient(values, _service(request).settings.form_secret)
+    patient = _patient(values, _service(request).settings)
     questionnaire = _questionnaire()
     return page("form.html", title=questionnaire.get("title", "Back pain questions"),
                 fields=form.fields(questionnaire), patient=patient, sig=values.get("sig", ""))
 
 
 async def submitted(request: Request) -> Response:
-    """The form came back: check, score, save when a patient is named, and tell the patient what it means."""
+    """The form came back: score it, save it when a patient is named, and tell the patient what it means.
+
+    The patient always sees what their answers mean: answers that cannot be
+    read are left out (and named on the page), and a store that refuses or is
+    down costs only the saving (the page says so), never the message.
+    """
     svc = _service(request)
     raw = await formats.read_body(request, svc.settings.max_body_bytes)
     values = _form_values(raw)
-    patient = _patient(values, svc.settings.form_secret)
+    patient = _patient(values, svc.settings)
     questionnaire = _questionnaire()
-    qr = form.response(questionnaire, svc.screener.questionnaires[questionnaire["url"]], values,
-                       patient or UNSAVED_SUBJECT, datetime.now(UTC))
-    if patient:
-        outcome, written = await submit(svc.store, svc.screener, qr)
-        svc.log_written(outcome.label, written)
-    else:
-        outcome = svc.screener.process(qr)
+    qr, unreadable = form.response(questionnaire, svc.screener.questionnaires[questionnaire["url"]], values,
+                                   patient or UNSAVED_SUBJECT, datetime.now(UTC))
+    outcome = svc.screener.process(qr)
     svc.count(outcome.label)
+    saved = not_sent = False
+    if patient:
+        try:
+            saved_outcome, written = await submit(svc.store, svc.screener, qr)
+            svc.log_written(saved_outcome.label, written)
+            saved = True
+        except (FhirError, InvalidInput) as error:
+            not_sent = True
+            svc.metrics.store_errors.inc()
+            event("form not saved", event="form-not-saved", reason=type(error).__name__,
+                  status=getattr(error, "status", None))
     headline, advice, tone = PATIENT_MESSAGES.get(outcome.label, PATIENT_MESSAGES["indeterminate"])
-    return page("patient_result.html", headline=headline, advice=advice, tone=tone, saved=bool(patient))
+    questions = form.texts(questionnaire)
+    return page("patient_result.html", headline=headline, advice=advice, tone=tone, saved=saved,
+                not_sent=not_sent, unreadable=[questions.get(link_id, link_id) for link_id in unreadable])
 
 
 def _form_values(raw: bytes) -> dict[str, str]:

@@ -830,6 +830,25 @@ def test_readyz_is_503_when_the_store_is_broken(settings):
         assert post_json(broken, "/QuestionnaireResponse/$extract", qr).status_code == 200  # needs no store
 
 
+def test_a_store_that_is_down_costs_the_patient_only_the_saving(settings):
+    """The emergency message must reach the patient whatever the store does."""
+    with TestClient(create_app(settings, store=BrokenStore())) as broken:  # type: ignore[arg-type]
+        page = broken.post("/form", data={"patient": "Patient/p1", "rf-saddle-numbness": "true"}, headers=HTML)
+        assert page.status_code == 200, page.text
+        assert "Seek urgent care now" in page.text and 'role="alert"' in page.text
+        assert "could not be sent to your care team" in page.text
+
+
+def test_with_an_ingest_token_an_unsigned_form_cannot_name_a_patient(settings):
+    """Otherwise the form would be a way round the token: anyone could write results for any patient."""
+    with client_with(settings, ingest_token="ingest-secret") as locked:
+        assert locked.get("/", params={"patient": "Patient/p1"}).status_code == 403
+        assert locked.post("/form", data={"patient": "Patient/p1", "rf-fever": "true"}).status_code == 403
+        anonymous = locked.post("/form", data={"rf-fever": "true"}, headers=HTML)
+        assert anonymous.status_code == 200 and "Contact a doctor today" in anonymous.text
+        assert count(locked, "QuestionnaireResponse") == 0
+
+
 def test_metrics_count_requests_and_outcomes(client):
     outcome = EXPECTED["qr-refer-asas.json"]
     route = {"method": "POST", "route": "/QuestionnaireResponse/$extract", "status": "200"}
@@ -1036,12 +1055,13 @@ def test_form_naming_a_patient_needs_a_valid_signature(settings):
 
 
 def test_form_errors_for_a_browser_are_a_page(settings):
-    """A patient's browser gets a page saying what to fix (not a 500, not FHIR JSON)."""
+    """A patient's browser gets a page (not a 500, not FHIR JSON); an unreadable answer never hides the rest."""
     with client_with(settings, form_secret="form-secret") as browser:
-        unreadable = browser.post("/form", data={"onset-age": "abc"}, headers=HTML)
-        assert unreadable.status_code == 400, unreadable.text
+        unreadable = browser.post("/form", data={"onset-age": "abc", "rf-saddle-numbness": "true"}, headers=HTML)
+        assert unreadable.status_code == 200, unreadable.text
         assert unreadable.headers["content-type"].startswith("text/html")
-        assert "Please check your answers" in unreadable.text
+        assert "Seek urgent care now" in unreadable.text  # the emergency still shows
+        assert "How old were you when your back pain first started?" in unreadable.text  # named as left out
         check_page_headers(unreadable.headers)
         forbidden = browser.post("/form", data={"patient": "Patient/x", "sig": "bad"}, headers=HTML)
         assert forbidden.status_code == 403
