@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -26,6 +27,7 @@ from plugin.service import Service
 from plugin.settings import ServiceSettings, service_settings
 from plugin.store import Store
 
+READY_WITHIN = 3.0  # seconds the store has to answer a readiness probe
 ISSUE_CODES = {404: "not-found", 405: "not-supported", 406: "not-supported", 413: "too-costly", 415: "not-supported"}
 
 
@@ -88,12 +90,12 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     """Ready when the store answers a search."""
     service: Service = request.app.state.service
-    try:
-        await service.store.search_page("Questionnaire", {"_summary": "count"})
-    except FhirError as error:
+    try:  # a probe must answer quickly: no waiting out the client's retries
+        await asyncio.wait_for(service.store.search_page("Questionnaire", {"_summary": "count"}), READY_WITHIN)
+    except (FhirError, TimeoutError) as error:
         service.metrics.store_errors.inc()
         LOG.warning("store not ready", extra={"event": "readyz", "store": service.store_name,
-                                              "status": error.status})
+                                              "status": getattr(error, "status", None)})
         return JSONResponse({"status": "unavailable", "store": service.store_name}, status_code=503)
     return JSONResponse({"status": "ready", "store": service.store_name})
 
@@ -104,7 +106,7 @@ async def metrics(request: Request) -> Response:
 
 def outcome_reply(request: Request, issues: list[Issue], status: int, headers: dict | None = None) -> Response:
     if pages.wants_html(request):
-        return pages.error_page(request, issues, status)
+        return pages.error_page(request, issues, status, headers)
     return formats.reply(operation_outcome(issues), formats.wanted(request), status, headers)
 
 
@@ -158,5 +160,5 @@ class CatchAll:
                 raise
             if started:
                 return  # the answer is half sent: nothing better to do than stop
-            outcome = operation_outcome([Issue("exception", "An internal error occurred; nothing was written.")])
+            outcome = operation_outcome([Issue("exception", "An internal error occurred.")])
             await formats.reply(outcome, formats.wanted(Request(scope)), 500)(scope, receive, send)

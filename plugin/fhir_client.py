@@ -151,7 +151,11 @@ class FhirClient:
             response = await self._send(method, url, content, params, all_headers)
         if response.status_code >= 400:
             raise _error(method, url, response)
-        return orjson.loads(response.content) if response.content else {}
+        try:
+            return orjson.loads(response.content) if response.content else {}
+        except orjson.JSONDecodeError:  # e.g. a proxy's HTML page
+            raise FhirError(f"{method} {url.split('?')[0]} answered with something that is not FHIR JSON.",
+                            502) from None
 
     async def _send(self, method: str, url: str, content: bytes | None, params: dict[str, str] | None,
                     headers: dict[str, str]) -> httpx.Response:

@@ -81,8 +81,10 @@ def page(name: str, status: int = 200, **context: object) -> HTMLResponse:
     return HTMLResponse(TEMPLATES.get_template(name).render(**context), status_code=status)
 
 
-def error_page(request: Request, issues: list[Issue], status: int) -> Response:
-    return page("error.html", status, code=status, issues=issues)
+def error_page(request: Request, issues: list[Issue], status: int, headers: dict | None = None) -> Response:
+    answer = page("error.html", status, code=status, issues=issues)
+    answer.headers.update(headers or {})
+    return answer
 
 
 def _service(request: Request) -> Service:
@@ -173,7 +175,11 @@ async def results(request: Request) -> Response:
     qr = await svc.store.read(f"QuestionnaireResponse/{qr_id}")
     if qr is None:
         raise invalid("not-found", f"QuestionnaireResponse/{qr_id} is not in the store.", status=404)
-    job = prepare(svc.screener, qr)
+    try:
+        job = prepare(svc.screener, qr)  # for the identifiers its results are stored under
+    except InvalidInput:
+        raise invalid("not-supported", f"QuestionnaireResponse/{qr_id} is not a response this plugin scores.",
+                      status=404) from None
     state = (await read_states(svc.store, [job], with_responses=False))[0] if job.observation_keys else None
     observations = list(state.observations.values()) if state else []
     tasks = list(state.tasks.values()) if state else []
@@ -184,8 +190,9 @@ async def results(request: Request) -> Response:
     by_code = {o["code"]["coding"][0]["code"]: o for o in observations}
     ordered = [by_code[c] for c in RESULT_ORDER if c in by_code] + [
         o for c, o in by_code.items() if c not in RESULT_ORDER]
+    stored_outcome = by_code.get("screening-outcome", {}).get("valueCodeableConcept", {}).get("coding", [{}])[0]
     return page("clinician_results.html", qr=qr, observations=[_view(o) for o in ordered], tasks=tasks,
-                outcome=job.outcome.label)
+                outcome=stored_outcome.get("code", "not yet scored"))
 
 
 def _view(observation: dict) -> dict:

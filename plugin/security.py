@@ -27,6 +27,11 @@ PAGE_HEADERS = {
 }
 
 
+# FHIR answers carry patient data too: no shared cache may keep them.
+API_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+STATIC_HEADERS = {"X-Content-Type-Options": "nosniff"}
+
+
 def same(given: str | None, expected: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
@@ -51,7 +56,7 @@ def require_notify_secret(request: Request, secret: str | None) -> None:
 
 
 class PageHeaders:
-    """ASGI middleware: security headers on every HTML answer, and nosniff on all."""
+    """ASGI middleware: security headers on every HTML answer; nosniff and no-store on the others."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -65,7 +70,8 @@ class PageHeaders:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 is_html = any(k == b"content-type" and v.startswith(b"text/html") for k, v in headers)
-                extra = PAGE_HEADERS if is_html else {"X-Content-Type-Options": "nosniff"}
+                static = scope["path"].startswith("/static/")
+                extra = PAGE_HEADERS if is_html else STATIC_HEADERS if static else API_HEADERS
                 present = {k.lower() for k, _ in headers}
                 headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()
                             if k.lower().encode() not in present]

@@ -119,6 +119,10 @@ async def _group(client: Store, screener: Screener, qrs: list[dict]) -> list[str
     jobs = [job for job in jobs if job.outcome.bundle.get("entry")]
     labels += ["up-to-date"] * (len(qrs) - len(labels) - len(jobs))  # e.g. in-progress: nothing to write
     states = await read_states(client, jobs, with_responses=False)
-    written = await asyncio.gather(*(write(client, job, state, stored_response=job.qr)
-                                     for job, state in zip(jobs, states)))
-    return labels + ["written" if any(w.changed for w in ws) else "up-to-date" for ws in written]
+    try:
+        async with asyncio.TaskGroup() as group:  # one failing cancels the others, and all are awaited
+            tasks = [group.create_task(write(client, job, state, stored_response=job.qr))
+                     for job, state in zip(jobs, states)]
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from None  # the first failure is what the caller reports
+    return labels + ["written" if any(w.changed for w in task.result()) else "up-to-date" for task in tasks]

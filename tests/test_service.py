@@ -1105,3 +1105,13 @@ def test_every_service_setting_is_in_the_readme_settings_table():
     table = "\n".join(line for line in readme.splitlines() if line.lstrip().startswith("|"))
     missing = [variable for variable, _ in SERVICE_SETTINGS.values() if not re.search(rf"\b{variable}\b", table)]
     assert not missing, f"README.md's settings table lacks {missing}"
+
+
+def test_answers_carrying_patient_data_are_not_cached_and_html_refusals_keep_their_headers(settings):
+    with client_with(settings, ingest_token="ingest-secret") as locked:
+        extract = post_json(locked, "/QuestionnaireResponse/$extract", example("qr-refer-asas.json"))
+        assert extract.headers["cache-control"] == "no-store"
+        assert "no-store" not in locked.get("/static/style.css").headers.get("cache-control", "")
+        page = locked.get("/results/anything", headers=HTML)
+        assert page.status_code == 401 and page.headers["www-authenticate"] == "Bearer"
+        assert page.headers["content-type"].startswith("text/html")
