@@ -13,6 +13,9 @@ from plugin.store import Store, open_store
 from plugin.sync import SyncBusy, default_state_file, sync
 from plugin.writeback import Written
 
+BUSY_RETRIES = 10  # a catch-up that finds another sync running tries again this many times...
+BUSY_WAIT = 2.0  # ...this many seconds apart
+
 
 class Service:
     def __init__(self, settings: ServiceSettings, store: Store | None = None) -> None:
@@ -49,15 +52,24 @@ class Service:
         self.catching_up = asyncio.get_running_loop().create_task(self._catch_up())
 
     async def _catch_up(self) -> None:
+        busy = 0
         while True:
             self.again = False
             try:
                 counts = await sync(self.store, self.screener, default_state_file())
                 event("catch-up done", event="sync", written=counts.get("written", 0))
-            except SyncBusy:
-                event("catch-up skipped: another sync is running", event="sync", reason="busy")
+                busy = 0
+            except SyncBusy:  # another worker or a cron sync: it may be past this change already, so wait and retry
+                busy += 1
+                event("catch-up waits: another sync is running", event="sync", reason="busy")
+                if busy <= BUSY_RETRIES:
+                    self.again = True
+                    await asyncio.sleep(BUSY_WAIT)
             except FhirError as error:
                 self.metrics.store_errors.inc()
                 event("catch-up failed", event="sync", reason=f"HTTP {error.status}" if error.status else "unreachable")
+            except Exception as error:  # a background task must not die silently; its type only (no data)
+                self.metrics.store_errors.inc()
+                event("catch-up failed", event="sync", reason=type(error).__name__)
             if not self.again:
                 return

@@ -19,7 +19,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
 
 import orjson
 
@@ -43,69 +42,91 @@ def default_state_file() -> Path:
 
 
 @contextmanager
-def locked(path: Path) -> Iterator[IO[bytes]]:
+def locked(path: Path) -> Iterator[None]:
+    """Holds `<state file>.lock` (a separate file, so the state itself can be replaced atomically)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
+    with open(path.with_name(path.name + ".lock"), "a+b") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SyncBusy(f"another sync is running (it holds {path.name}); nothing to do.") from None
-        yield handle
+            raise SyncBusy(f"another sync is running (it holds {path.name}.lock); nothing to do.") from None
+        yield
 
 
-def _states(handle: IO[bytes]) -> dict:
-    """Every server's state in the file: base URL -> {watermark, seen}."""
-    handle.seek(0)
-    raw = handle.read()
-    return orjson.loads(raw) if raw.strip() else {}
+def _states(path: Path) -> dict:
+    """Every store's state in the file: base URL -> {watermark, seen}. A damaged file counts as empty:
+    sync then starts from the beginning, which costs time but, everything being idempotent, nothing else."""
+    try:
+        states = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except orjson.JSONDecodeError:
+        return {}
+    return states if isinstance(states, dict) else {}
 
 
-def read_state(handle: IO[bytes], base_url: str) -> dict:
-    return _states(handle).get(base_url, {"watermark": None, "seen": []})
+def read_state(path: Path, base_url: str) -> dict:
+    return _states(path).get(base_url, {"watermark": None, "seen": []})
 
 
-def write_state(handle: IO[bytes], base_url: str, state: dict) -> None:
-    states = _states(handle)
+def write_state(path: Path, base_url: str, state: dict) -> None:
+    """Written to a temporary file and renamed over the old one: a crash leaves the old state or the new."""
+    states = _states(path)
     states[base_url] = state
-    handle.seek(0)
-    handle.truncate()
-    handle.write(orjson.dumps(states, option=orjson.OPT_INDENT_2))
-    handle.flush()
-    os.fsync(handle.fileno())
+    temporary = path.with_name(path.name + ".new")
+    with open(temporary, "wb") as handle:
+        handle.write(orjson.dumps(states, option=orjson.OPT_INDENT_2))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
 
 
 async def sync(client: Store, screener: Screener, state_file: Path, since: str | None = None) -> Counter:
     """Handles every response updated since the watermark (or `since`); returns counts of what happened."""
     counts: Counter = Counter()
-    with locked(state_file) as handle:
-        state = read_state(handle, client.base_url)
+    with locked(state_file):
+        state = read_state(state_file, client.base_url)
         if since:
             state = {"watermark": since, "seen": []}
         for url in screener.questionnaires:
             state = await _sync_questionnaire(client, screener, url, state, counts,
-                                              lambda s: write_state(handle, client.base_url, s))
+                                              lambda s: write_state(state_file, client.base_url, s))
     return counts
 
 
 async def _sync_questionnaire(client: Store, screener: Screener, url: str, state: dict, counts: Counter,
                               save: Callable[[dict], None]) -> dict:
-    while True:
-        params = {"questionnaire": url, "status": STATUSES, "_sort": "_lastUpdated", "_count": str(PAGE)}
-        if state["watermark"]:
-            params["_lastUpdated"] = f"ge{state['watermark']}"
-        seen = {tuple(x) for x in state["seen"]}
-        page = await client.search_page("QuestionnaireResponse", params)
-        fresh = [e["resource"] for e in page.get("entry", [])
-                 if (e["resource"]["id"], e["resource"].get("meta", {}).get("versionId")) not in seen]
-        if not fresh:
-            return state
-        for start in range(0, len(fresh), GROUP):
-            counts.update(await _group(client, screener, fresh[start:start + GROUP]))
-        last = max(qr["meta"]["lastUpdated"] for qr in fresh)
-        at_last = [(qr["id"], qr["meta"].get("versionId")) for qr in fresh if qr["meta"]["lastUpdated"] == last]
-        previous = [list(x) for x in seen] if last == state["watermark"] else []
-        state = {"watermark": last, "seen": previous + [list(x) for x in at_last]}
+    """One pass over the responses since the watermark, following the server's pages, handled PAGE at a time.
+
+    Following the pages (rather than asking again from the new watermark) is
+    what gets past more than a page of responses stamped with one instant.
+    """
+    params = {"questionnaire": url, "status": STATUSES, "_sort": "_lastUpdated", "_count": str(PAGE)}
+    if state["watermark"]:
+        params["_lastUpdated"] = f"ge{state['watermark']}"
+    seen = {tuple(x) for x in state["seen"]}
+    batch: list[dict] = []
+    async for qr in client.search("QuestionnaireResponse", params):
+        if (qr["id"], qr.get("meta", {}).get("versionId")) not in seen:
+            batch.append(qr)
+        if len(batch) == PAGE:
+            state = await _handle(client, screener, batch, state, counts)
+            save(state)
+            batch = []
+    if batch:
+        state = await _handle(client, screener, batch, state, counts)
         save(state)
+    return state
+
+
+async def _handle(client: Store, screener: Screener, fresh: list[dict], state: dict, counts: Counter) -> dict:
+    """Writes what the responses lack; the state that moves the watermark past them."""
+    for start in range(0, len(fresh), GROUP):
+        counts.update(await _group(client, screener, fresh[start:start + GROUP]))
+    last = max(qr["meta"]["lastUpdated"] for qr in fresh)
+    at_last = [[qr["id"], qr["meta"].get("versionId")] for qr in fresh if qr["meta"]["lastUpdated"] == last]
+    previous = state["seen"] if last == state["watermark"] else []
+    return {"watermark": last, "seen": previous + at_last}
 
 
 async def _group(client: Store, screener: Screener, qrs: list[dict]) -> list[str]:

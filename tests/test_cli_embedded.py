@@ -136,3 +136,26 @@ def test_an_amended_response_known_by_its_identifier_is_stored_in_its_new_versio
     ident = qr["identifier"]
     (stored,) = found(db, "QuestionnaireResponse", identifier=f"{ident['system']}|{ident['value']}")
     assert stored["status"] == "amended" and stored["meta"]["versionId"] == "2"
+
+
+def test_sync_follows_the_pages_and_survives_a_damaged_state_file(db: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch):
+    from plugin import sync as sync_module
+    from plugin.pipeline import Screener
+
+    monkeypatch.setattr(sync_module, "PAGE", 2)  # 5 responses: three pages
+    patient = f"Patient/{uuid.uuid4()}"
+    qrs = [orjson.loads(for_patient("qr-refer-asas.json", patient)) for _ in range(5)]
+
+    async def put_them(store: SqliteStore) -> None:
+        await store.transaction({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": qr, "request": {"method": "PUT", "url": f"QuestionnaireResponse/{qr['id']}"}} for qr in qrs]})
+
+    on_store(db, put_them)
+    state = tmp_path / "sync-state.json"
+    state.write_text('{"truncated": ')  # as a crash mid-write once left it
+    counts = on_store(db, lambda store: sync_module.sync(store, Screener(), state))
+    assert counts["written"] == 5
+    assert len(found(db, "Observation", subject=patient)) == 35
+    assert orjson.loads(state.read_bytes())  # whole again
+    assert on_store(db, lambda store: sync_module.sync(store, Screener(), state))["written"] == 0
