@@ -215,7 +215,7 @@ def _check_items(walk: _Walk, items: list, parent: str | None, path: str) -> Non
         if type(item) is dict and (link_id := item.get("linkId")).__class__ is str and link_id not in seen:
             fast = quick.get(link_id)
             if (fast is not None and fast[0] == parent and FAST_ITEM_KEYS.issuperset(item)
-                    and type(item.get("text", "")) is str):
+                    and type(text := item.get("text", "-")) is str and text):
                 answers = item.get("answer")
                 if answers is None:
                     seen.add(link_id)
@@ -271,9 +271,10 @@ def _item_spec(walk: _Walk, item: dict, parent: str | None, where: str) -> ItemS
         walk.problem("structure", f"Item {link_id!r} has elements a QuestionnaireResponse item does not define: "
                      f"{names}.", where)
     for key, kind in ITEM_SHAPES.items():
-        if key in item and not isinstance(item[key], kind):
-            walk.problem("structure", f"{key} must be a JSON {KIND_NAMES[kind]}.", f"{where}.{key}")
-    for i, extension in enumerate(item.get("extension") or []):
+        if key in item and not (isinstance(item[key], kind) and item[key] != ""):  # FHIR has no empty strings
+            walk.problem("structure", f"{key} must be a non-empty JSON {KIND_NAMES[kind]}.", f"{where}.{key}")
+    extensions = item.get("extension")
+    for i, extension in enumerate(extensions if isinstance(extensions, list) else []):
         if not (isinstance(extension, dict) and isinstance(extension.get("url"), str)):
             walk.problem("structure", "An extension must be an object with a url.", f"{where}.extension[{i}]")
     return spec

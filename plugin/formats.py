@@ -23,18 +23,28 @@ MEDIA_TYPES = {
 
 
 def wanted(request: Request) -> str:
-    """The format to answer in: `_format`, else the first FHIR type in Accept, else JSON."""
+    """The format to answer in: `_format`, else the FHIR type Accept rates highest (q), else JSON."""
     asked = request.query_params.get("_format")
-    if asked:
-        return MEDIA_TYPES.get(asked.split(";")[0].strip().lower(), JSON)
+    if asked:  # an unencoded "+" arrives as a space
+        return MEDIA_TYPES.get(asked.split(";")[0].strip().lower().replace(" ", "+"), JSON)
+    best, best_q = JSON, 0.0
     for part in request.headers.get("accept", "").split(","):
-        media, _, params = part.partition(";")
-        if "q=0" in params.replace(" ", "") and "q=0." not in params.replace(" ", ""):
-            continue  # explicitly not acceptable
+        media, *params = part.split(";")
         found = MEDIA_TYPES.get(media.strip().lower())
-        if found:
-            return found
-    return JSON
+        if found and (q := _quality(params)) > best_q:
+            best, best_q = found, q
+    return best
+
+
+def _quality(params: list[str]) -> float:
+    for param in params:
+        name, _, value = param.strip().partition("=")
+        if name.strip().lower() == "q":
+            try:
+                return float(value)
+            except ValueError:
+                return 0.0
+    return 1.0
 
 
 def sent(request: Request) -> str | None:
@@ -73,7 +83,13 @@ def reply(resource: dict, fmt: str, status: int = 200, headers: dict[str, str] |
 
 
 def to_xml(resource: dict) -> bytes:
+    """FHIR XML by way of the R4B model; what the model refuses (JSON the checker let through but XML
+    cannot carry) is the caller's content, so it is a 422, never a crash."""
     from fhir.resources.R4B import get_fhir_model_class  # slow import; XML is the rare path
+    from pydantic import ValidationError
 
-    model = get_fhir_model_class(resource["resourceType"]).model_validate(resource)
-    return model.model_dump_xml()
+    try:
+        return get_fhir_model_class(resource["resourceType"]).model_validate(resource).model_dump_xml()
+    except (ValidationError, ValueError, TypeError):
+        raise invalid("structure", "The response holds content that is not valid FHIR, so the answer cannot be "
+                      "given as XML; ask for JSON, or correct the response.", status=422) from None

@@ -1115,3 +1115,22 @@ def test_answers_carrying_patient_data_are_not_cached_and_html_refusals_keep_the
         page = locked.get("/results/anything", headers=HTML)
         assert page.status_code == 401 and page.headers["www-authenticate"] == "Bearer"
         assert page.headers["content-type"].startswith("text/html")
+
+
+@pytest.mark.parametrize(("accept", "expected"), [
+    ("application/fhir+xml;q=0.1, application/fhir+json", "application/fhir+json"),
+    ("application/fhir+json;q=0.5, application/fhir+xml;q=0.9", "application/fhir+xml"),
+    ("application/fhir+xml;q=0.0", "application/fhir+json"),
+    ("text/html;q=0.9, application/xml", "application/fhir+xml"),
+])
+def test_accept_is_read_by_its_quality_values(client, accept, expected):
+    assert client.get("/metadata", headers={"Accept": accept}).headers["content-type"].startswith(expected)
+
+
+def test_a_response_xml_cannot_carry_is_a_422_in_xml_not_a_crash(client):
+    qr = example("qr-refer-asas.json")
+    qr["item"][0]["extension"] = [{"url": "http://example.org/x", "valueString": ""}]
+    answer = client.post("/QuestionnaireResponse/$extract", content=orjson.dumps(qr),
+                         headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+xml"})
+    assert answer.status_code == 422 and answer.text.lstrip().startswith("<?xml")
+    assert "OperationOutcome" in answer.text
