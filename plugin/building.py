@@ -68,16 +68,25 @@ def response_key(qr: dict) -> str:
     """What identifies a response across replays and amendments: identifier, else id, else its content.
 
     The patient is part of it, so a response that reuses another patient's
-    id or identifier can never reach that patient's results.
+    id or identifier can never reach that patient's results. A response with
+    neither is written with an identifier made from its content
+    (`own_identifier`), and its key is the one that identifier gives: so the
+    stored copy, read back later (by sync, by the results view), has the same key.
     """
     subject = qr["subject"]["reference"]
     ident = qr.get("identifier")
+    if not (isinstance(ident, dict) and ident.get("value")) and not qr.get("id"):
+        ident = own_identifier(qr)
     if isinstance(ident, dict) and ident.get("value"):
         return f"{subject}|identifier:{ident.get('system', '')}|{ident['value']}"
-    if qr.get("id"):
-        return f"{subject}|id:{qr['id']}"
+    return f"{subject}|id:{qr['id']}"
+
+
+def own_identifier(qr: dict) -> dict:
+    """The identifier a response without one (and without an id) is written under: made from its content."""
     content = {k: v for k, v in qr.items() if k not in ("id", "meta", "text", "status")}
-    return "content:" + hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    digest = hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return {"system": systems.SID_QR, "value": uuid5(f"content:{digest}")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +198,7 @@ class BundleBuilder:
             return entry, {"reference": url}
         ident = qr.get("identifier")
         if not (isinstance(ident, dict) and isinstance(ident.get("value"), str) and ident["value"]):
-            ident = {"system": systems.SID_QR, "value": uuid5(key)}
+            ident = own_identifier(qr)
             resource["identifier"] = ident
         search = token(ident.get("system"), ident["value"])
         request = {"method": "POST", "url": "QuestionnaireResponse", "ifNoneExist": f"identifier={search}"}

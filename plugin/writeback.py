@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from urllib.parse import urlencode
 
 from plugin import data, systems
-from plugin.building import response_key, token, uuid5
+from plugin.building import own_identifier, token
 from plugin.fhir_client import FhirError, matches
 from plugin.outcome import invalid
 from plugin.pipeline import Outcome, Screener
@@ -180,7 +180,7 @@ def _response_url(qr: dict) -> str:
         return f"QuestionnaireResponse/{qr['id']}"
     ident = qr.get("identifier") or {}
     if not ident.get("value"):  # the builder gave it one, made from its content
-        ident = {"system": systems.SID_QR, "value": uuid5(response_key(qr))}
+        ident = own_identifier(qr)
     return "QuestionnaireResponse?" + urlencode({"identifier": token(ident.get("system"), ident["value"],
                                                                       in_url=False)})
 

@@ -159,3 +159,16 @@ def test_sync_follows_the_pages_and_survives_a_damaged_state_file(db: Path, tmp_
     assert len(found(db, "Observation", subject=patient)) == 35
     assert orjson.loads(state.read_bytes())  # whole again
     assert on_store(db, lambda store: sync_module.sync(store, Screener(), state))["written"] == 0
+
+
+def test_a_response_without_id_or_identifier_is_recognised_when_read_back(db: Path, tmp_path: Path):
+    """Written under an identifier made from its content; sync reading it back must find its results, not add more."""
+    patient = f"Patient/{uuid.uuid4()}"
+    qr = orjson.loads(for_patient("qr-urgent.json", patient))
+    del qr["id"]
+    submitted(db, orjson.dumps(qr))
+    done = cli(db, "sync", "--state", str(tmp_path / "state.json"), "--since", "2000-01-01T00:00:00Z")
+    assert done.returncode == 0, done.stderr
+    counts = orjson.loads(done.stdout)
+    assert counts.get("up-to-date") == 1 and "written" not in counts
+    assert len(found(db, "Observation", subject=patient)) == 7 and len(found(db, "Task", patient=patient)) == 1
