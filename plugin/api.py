@@ -15,15 +15,11 @@ from plugin.capability import capability_statement
 from plugin.outcome import invalid
 from plugin.parsing import parse_body
 from plugin.security import require_bearer, require_notify_secret
-from plugin.service import Service
-from plugin.writeback import Written, prepare, read_states, submit, write
+from plugin.service import service
+from plugin.writeback import Written, prepare, save, submit
 
 DEFINITION_TYPES = ("Questionnaire", "CodeSystem")
 DEFINITION_SEARCH = {"url", "version", "_id", "_format", "_count", "_summary"}
-
-
-def service(request: Request) -> Service:
-    return request.app.state.service
 
 
 async def metadata(request: Request) -> Response:
@@ -91,10 +87,7 @@ async def notified_with_payload(request: Request) -> Response:
     if qr.get("id") != request.path_params["id"]:
         raise invalid("invalid", "The response's id does not match the id in the URL.", "QuestionnaireResponse.id")
     svc.count(job.outcome.label)
-    if not job.outcome.bundle.get("entry"):
-        return written_reply(request, job.outcome.label, [])
-    state = (await read_states(svc.store, [job], with_responses=False))[0]
-    return written_reply(request, job.outcome.label, await write(svc.store, job, state, stored_response=qr))
+    return written_reply(request, job.outcome.label, await save(svc.store, job, stored_response=qr))
 
 
 async def notified_without_payload(request: Request) -> Response:

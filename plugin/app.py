@@ -24,6 +24,7 @@ from plugin.openapi import openapi
 from plugin.outcome import InvalidInput, Issue, operation_outcome
 from plugin.security import PageHeaders
 from plugin.service import Service
+from plugin.service import service as service_of
 from plugin.settings import ServiceSettings, service_settings
 from plugin.store import Store
 
@@ -89,19 +90,19 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     """Ready when the store answers a search."""
-    service: Service = request.app.state.service
+    svc = service_of(request)
     try:  # a probe must answer quickly: no waiting out the client's retries
-        await asyncio.wait_for(service.store.search_page("Questionnaire", {"_summary": "count"}), READY_WITHIN)
+        await asyncio.wait_for(svc.store.search_page("Questionnaire", {"_summary": "count"}), READY_WITHIN)
     except (FhirError, TimeoutError) as error:
-        service.metrics.store_errors.inc()
-        LOG.warning("store not ready", extra={"event": "readyz", "store": service.store_name,
+        svc.metrics.store_errors.inc()
+        LOG.warning("store not ready", extra={"event": "readyz", "store": svc.store_name,
                                               "status": getattr(error, "status", None)})
-        return JSONResponse({"status": "unavailable", "store": service.store_name}, status_code=503)
-    return JSONResponse({"status": "ready", "store": service.store_name})
+        return JSONResponse({"status": "unavailable", "store": svc.store_name}, status_code=503)
+    return JSONResponse({"status": "ready", "store": svc.store_name})
 
 
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(service_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def outcome_reply(request: Request, issues: list[Issue], status: int, headers: dict | None = None) -> Response:
@@ -112,7 +113,7 @@ def outcome_reply(request: Request, issues: list[Issue], status: int, headers: d
 
 async def refused(request: Request, error: Exception) -> Response:
     assert isinstance(error, InvalidInput)
-    request.app.state.service.metrics.refused.labels(str(error.status)).inc()
+    service_of(request).metrics.refused.labels(str(error.status)).inc()
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
     return outcome_reply(request, error.issues, error.status, headers)
 
@@ -120,9 +121,9 @@ async def refused(request: Request, error: Exception) -> Response:
 async def store_failed(request: Request, error: Exception) -> Response:
     """The store refused or could not be reached: the caller keeps the response and may retry."""
     assert isinstance(error, FhirError)
-    service: Service = request.app.state.service
-    service.metrics.store_errors.inc()
-    LOG.warning("store failed", extra={"event": "store-error", "store": service.store_name, "status": error.status})
+    svc = service_of(request)
+    svc.metrics.store_errors.inc()
+    LOG.warning("store failed", extra={"event": "store-error", "store": svc.store_name, "status": error.status})
     if error.status in (400, 404, 409, 412, 422):  # the store refused what this request asked for
         diagnostics = f"The store refused the write (HTTP {error.status}); nothing was written."
         return outcome_reply(request, [Issue("processing", diagnostics)], 409 if error.status == 412 else 422)

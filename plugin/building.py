@@ -74,12 +74,17 @@ def response_key(qr: dict) -> str:
     stored copy, read back later (by sync, by the results view), has the same key.
     """
     subject = qr["subject"]["reference"]
+    given = given_identifier(qr)
+    if given is None and qr.get("id"):
+        return f"{subject}|id:{qr['id']}"
+    ident = given or own_identifier(qr)
+    return f"{subject}|identifier:{ident.get('system', '')}|{ident['value']}"
+
+
+def given_identifier(qr: dict) -> dict | None:
+    """The response's own identifier, if it has a usable one."""
     ident = qr.get("identifier")
-    if not (isinstance(ident, dict) and ident.get("value")) and not qr.get("id"):
-        ident = own_identifier(qr)
-    if isinstance(ident, dict) and ident.get("value"):
-        return f"{subject}|identifier:{ident.get('system', '')}|{ident['value']}"
-    return f"{subject}|id:{qr['id']}"
+    return ident if isinstance(ident, dict) and isinstance(ident.get("value"), str) and ident["value"] else None
 
 
 def own_identifier(qr: dict) -> dict:
@@ -196,10 +201,9 @@ class BundleBuilder:
             url = f"QuestionnaireResponse/{qr['id']}"
             entry = _entry(uuid5(f"qr|{key}"), resource, {"method": "PUT", "url": url})
             return entry, {"reference": url}
-        ident = qr.get("identifier")
-        if not (isinstance(ident, dict) and isinstance(ident.get("value"), str) and ident["value"]):
-            ident = own_identifier(qr)
-            resource["identifier"] = ident
+        ident = given_identifier(qr)
+        if ident is None:
+            ident = resource["identifier"] = own_identifier(qr)
         search = token(ident.get("system"), ident["value"])
         request = {"method": "POST", "url": "QuestionnaireResponse", "ifNoneExist": f"identifier={search}"}
         entry = _entry(uuid5(f"qr|{key}"), resource, request)

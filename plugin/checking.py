@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from plugin.outcome import InvalidInput, Issue
+from plugin.outcome import InvalidInput, Issue, model_issue
 from plugin.questionnaire import SLOW, CompiledQuestionnaire, EnableWhen, ItemSpec
 
 STATUSES = frozenset({"in-progress", "completed", "amended", "entered-in-error", "stopped"})
@@ -38,7 +38,6 @@ ELEMENTS: dict[str, type] = {
 KIND_NAMES = {str: "string", dict: "object", list: "array"}
 ITEM_KEYS = frozenset({"id", "extension", "modifierExtension", "linkId", "definition", "text", "answer", "item",
                        "_linkId", "_definition", "_text"})
-ANSWERED_ITEM_KEYS = ITEM_KEYS - {"item"}
 FAST_ITEM_KEYS = frozenset({"linkId", "text", "answer"})  # anything else goes the careful way
 # The JSON shape of the item elements the checker does not read itself (they are written back as they came).
 ITEM_SHAPES: dict[str, type] = {"id": str, "definition": str, "text": str, "extension": list,
@@ -157,14 +156,6 @@ def _model_issues(elements: dict) -> list[Issue]:
     except (ValueError, TypeError):
         return [Issue("structure", "Some elements are not valid FHIR.", ROOT)]
     return []
-
-
-def model_issue(resource_type: str, error: Any, fields: set[str]) -> Issue:
-    """A pydantic error as an Issue; fhir.resources locates some only by element name: a path only when real."""
-    loc = error["loc"]
-    path = resource_type + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
-    message = f"{str(error['msg']).rstrip('.')}."
-    return Issue("structure", message, path if loc and loc[0] in fields else None)
 
 
 def _element_shape(key: str, value: Any) -> Issue | None:

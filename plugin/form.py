@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from plugin.checking import is_enabled
-from plugin.questionnaire import MAX_VALUE, MIN_VALUE, SLOW, CompiledQuestionnaire, ItemSpec
+from plugin.questionnaire import MAX_VALUE, MIN_VALUE, SLOW, CompiledQuestionnaire, ItemSpec, bound, enable_when
 
 UNIT = "http://hl7.org/fhir/StructureDefinition/questionnaire-unit"
 ENTRY_FORMAT = "http://hl7.org/fhir/StructureDefinition/entryFormat"
@@ -49,23 +49,17 @@ def _field(item: dict) -> Field:
     options: tuple[tuple[str, str], ...] = BOOLEAN_OPTIONS if kind == "boolean" else tuple(
         (o["valueCoding"]["code"], o["valueCoding"].get("display", o["valueCoding"]["code"]))
         for o in item.get("answerOption", []))
-    conditions = [{"question": c["question"], "operator": c["operator"],
-                   "answer": next((v.get("code") if k == "answerCoding" else v)
-                                  for k, v in c.items() if k.startswith("answer"))}
-                  for c in item.get("enableWhen", [])]
+    conditions = [{"question": w.question, "operator": w.operator, "answer": w.answer}
+                  for w in map(enable_when, item.get("enableWhen", []))]
     return Field(
         link_id=item["linkId"], text=item.get("text", ""), type=kind, options=options,
-        minimum=_number(extensions.get(MIN_VALUE)), maximum=_number(extensions.get(MAX_VALUE)),
+        minimum=bound(extensions.get(MIN_VALUE)), maximum=bound(extensions.get(MAX_VALUE)),
         unit=(extensions.get(UNIT) or {}).get("valueCoding", {}).get("display"),
         hint=(extensions.get(ENTRY_FORMAT) or {}).get("valueString"),
         enable_when=orjson.dumps(conditions).decode() if conditions else None,
         enable_all=item.get("enableBehavior", "all") == "all",
         children=tuple(_field(child) for child in item.get("item", [])),
     )
-
-
-def _number(extension: dict | None) -> int | float | None:
-    return None if extension is None else extension.get("valueInteger", extension.get("valueDecimal"))
 
 
 def response(questionnaire: dict, compiled: CompiledQuestionnaire, submitted: Mapping[str, str],
@@ -127,11 +121,8 @@ def _items(items: list[dict], compiled: CompiledQuestionnaire, facts: dict[str, 
             if children:
                 out.append({"linkId": link_id, "item": children})
         elif link_id in facts:
-            key = compiled.items[link_id].answer_key
-            value = facts[link_id]
-            if key == "valueCoding":
-                value = {"system": (compiled.items[link_id].codes or {})[value], "code": value}
-            out.append({"linkId": link_id, "answer": [{key: value}]})
+            spec = compiled.items[link_id]
+            out.append({"linkId": link_id, "answer": [{spec.answer_key: _as_answer(spec, facts[link_id])}]})
     return out
 
 

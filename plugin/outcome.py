@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,3 +47,11 @@ def operation_outcome(issues: list[Issue]) -> dict:
 def invalid(code: str, diagnostics: str, expression: str | None = None, status: int = 400) -> InvalidInput:
     """Shorthand for the common case of a single problem."""
     return InvalidInput([Issue(code, diagnostics, expression)], status)
+
+
+def model_issue(resource_type: str, error: Any, fields: set[str]) -> Issue:
+    """A pydantic error as an Issue; fhir.resources locates some only by element name: a path only when real."""
+    loc = error["loc"]
+    path = resource_type + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+    message = f"{str(error['msg']).rstrip('.')}."
+    return Issue("structure", message, path if loc and loc[0] in fields else None)

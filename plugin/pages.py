@@ -23,9 +23,9 @@ from plugin.fhir_client import FhirError
 from plugin.observability import event
 from plugin.outcome import InvalidInput, Issue, invalid
 from plugin.security import refused, require_bearer, same
-from plugin.service import Service
+from plugin.service import service
 from plugin.settings import ServiceSettings
-from plugin.writeback import prepare, read_states, submit
+from plugin.writeback import prepare, read_states, save
 
 TEMPLATES = Environment(loader=PackageLoader("plugin", "templates"), autoescape=select_autoescape(["html"]),
                         trim_blocks=True, lstrip_blocks=True)
@@ -87,10 +87,6 @@ def error_page(request: Request, issues: list[Issue], status: int, headers: dict
     return answer
 
 
-def _service(request: Request) -> Service:
-    return request.app.state.service
-
-
 def _questionnaire() -> dict:
     return next(q for q in data.definitions("Questionnaire") if q["id"] == SCREENING_ID)
 
@@ -107,20 +103,22 @@ def _patient(request_values: dict[str, str], settings: ServiceSettings) -> str |
     open too: with an ingest token set, an unsigned form must not become a
     way round it (anyone could write results for any patient).
     """
-    patient = (request_values.get("patient") or "").strip() or None
+    patient = (request_values.get("patient") or "").strip()
+    if not patient:
+        return None
     secret = settings.form_secret
-    if patient and secret is None and settings.ingest_token is not None:
+    if secret is None and settings.ingest_token is not None:
         raise refused(403)
-    if patient and secret and not same(request_values.get("sig"), signature(patient, secret)):
+    if secret and not same(request_values.get("sig"), signature(patient, secret)):
         raise refused(403)
-    if patient and not patient.startswith("Patient/"):
+    if not patient.startswith("Patient/"):
         raise invalid("value", "The link names no patient this form can be saved for.")
     return patient
 
 
 async def form_page(request: Request) -> Response:
     values = dict(request.query_params)
-    patient = _patient(values, _service(request).settings)
+    patient = _patient(values, service(request).settings)
     questionnaire = _questionnaire()
     return page("form.html", title=questionnaire.get("title", "Back pain questions"),
                 fields=form.fields(questionnaire), patient=patient, sig=values.get("sig", ""))
@@ -133,20 +131,20 @@ async def submitted(request: Request) -> Response:
     read are left out (and named on the page), and a store that refuses or is
     down costs only the saving (the page says so), never the message.
     """
-    svc = _service(request)
+    svc = service(request)
     raw = await formats.read_body(request, svc.settings.max_body_bytes)
     values = _form_values(raw)
     patient = _patient(values, svc.settings)
     questionnaire = _questionnaire()
     qr, unreadable = form.response(questionnaire, svc.screener.questionnaires[questionnaire["url"]], values,
                                    patient or UNSAVED_SUBJECT, datetime.now(UTC))
-    outcome = svc.screener.process(qr)
+    job = prepare(svc.screener, qr)
+    outcome = job.outcome
     svc.count(outcome.label)
     saved = not_sent = False
     if patient:
         try:
-            saved_outcome, written = await submit(svc.store, svc.screener, qr)
-            svc.log_written(saved_outcome.label, written)
+            svc.log_written(outcome.label, await save(svc.store, job))
             saved = True
         except (FhirError, InvalidInput) as error:
             not_sent = True
@@ -169,7 +167,7 @@ def _form_values(raw: bytes) -> dict[str, str]:
 
 async def results(request: Request) -> Response:
     """A response's stored results: HTML for a clinician, a searchset Bundle for machines."""
-    svc = _service(request)
+    svc = service(request)
     require_bearer(request, svc.settings.ingest_token)
     qr_id = request.path_params["id"]
     qr = await svc.store.read(f"QuestionnaireResponse/{qr_id}")

@@ -14,8 +14,7 @@ from typing import Any
 import orjson
 from lxml import etree
 
-from plugin.checking import model_issue
-from plugin.outcome import InvalidInput, invalid
+from plugin.outcome import InvalidInput, invalid, model_issue
 from plugin.settings import MAX_BODY_BYTES
 
 FHIR_NS = "http://hl7.org/fhir"

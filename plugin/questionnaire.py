@@ -90,9 +90,9 @@ def _walk(raw_items: list[dict], parent: str | None, out: dict[str, ItemSpec]) -
             repeats=raw.get("repeats", False),
             answer_key=ANSWER_KEYS[kind][0] if kind in ANSWER_KEYS else None,
             codes=_codes(raw) if kind == "choice" else None,
-            minimum=_bound(extensions.get(MIN_VALUE)),
-            maximum=_bound(extensions.get(MAX_VALUE)),
-            enable_when=tuple(_enable_when(e) for e in raw.get("enableWhen", [])),
+            minimum=bound(extensions.get(MIN_VALUE)),
+            maximum=bound(extensions.get(MAX_VALUE)),
+            enable_when=tuple(enable_when(e) for e in raw.get("enableWhen", [])),
             enable_all=raw.get("enableBehavior", "all") == "all",
         )
 
@@ -126,13 +126,13 @@ def _codes(raw: dict) -> dict[str, str]:
     return {o["valueCoding"]["code"]: o["valueCoding"].get("system", "") for o in raw.get("answerOption", [])}
 
 
-def _bound(extension: dict | None) -> int | float | None:
+def bound(extension: dict | None) -> int | float | None:
     if extension is None:
         return None
     return extension.get("valueInteger", extension.get("valueDecimal"))
 
 
-def _enable_when(raw: dict) -> EnableWhen:
+def enable_when(raw: dict) -> EnableWhen:
     (key, value), = ((k, v) for k, v in raw.items() if k.startswith("answer"))
     if key == "answerCoding":
         value = value["code"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from starlette.requests import Request
+
 from plugin.fhir_client import FhirError
 from plugin.observability import Metrics, event
 from plugin.pipeline import Screener
@@ -15,6 +17,11 @@ from plugin.writeback import Written
 
 BUSY_RETRIES = 10  # a catch-up that finds another sync running tries again this many times...
 BUSY_WAIT = 2.0  # ...this many seconds apart
+
+
+def service(request: Request) -> Service:
+    """The running service, from a request to it."""
+    return request.app.state.service
 
 
 class Service:

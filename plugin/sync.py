@@ -58,9 +58,7 @@ def _states(path: Path) -> dict:
     sync then starts from the beginning, which costs time but, everything being idempotent, nothing else."""
     try:
         states = orjson.loads(path.read_bytes())
-    except FileNotFoundError:
-        return {}
-    except orjson.JSONDecodeError:
+    except (FileNotFoundError, orjson.JSONDecodeError):
         return {}
     return states if isinstance(states, dict) else {}
 

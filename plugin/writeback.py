@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from urllib.parse import urlencode
 
 from plugin import data, systems
-from plugin.building import own_identifier, token
+from plugin.building import given_identifier, own_identifier, token
 from plugin.fhir_client import FhirError, matches
 from plugin.outcome import invalid
 from plugin.pipeline import Outcome, Screener
@@ -93,10 +93,21 @@ async def submit(client: Store, screener: Screener, qr: dict) -> tuple[Outcome, 
     patient must be among it.
     """
     job = prepare(screener, qr)
+    return job.outcome, await save(client, job)
+
+
+async def save(client: Store, job: Job, *, stored_response: dict | None = None) -> list[Written]:
+    """Writes a scored response's results, after reading what the store holds for it (one round trip).
+
+    `stored_response` is the response as the store already holds it (a
+    notification, a sync): then it is neither read nor written again, and its
+    patient is not looked up (the store took the response already).
+    """
     if not job.outcome.bundle.get("entry"):
-        return job.outcome, []
-    state = (await read_states(client, [job], with_responses=True, check_patient=True))[0]
-    return job.outcome, await write(client, job, state)
+        return []
+    fresh = stored_response is None
+    state = (await read_states(client, [job], with_responses=fresh, check_patient=fresh))[0]
+    return await write(client, job, state, stored_response=stored_response)
 
 
 async def write(client: Store, job: Job, state: ServerState, *, stored_response: dict | None = None) -> list[Written]:
@@ -109,10 +120,10 @@ async def write(client: Store, job: Job, state: ServerState, *, stored_response:
     for attempt in range(CONFLICT_RETRIES + 1):
         if attempt:
             state = (await read_states(client, [job], with_responses=stored_response is None))[0]
-        _same_patient(job.qr, stored_response or state.response)
-        todo = plan(job.outcome.bundle, state.observations, state.tasks,
-                    stored_response=stored_response or state.response, include_response=stored_response is None,
-                    retracted=job.qr["status"] == "entered-in-error")
+        stored = stored_response or state.response
+        _same_patient(job.qr, stored)
+        todo = plan(job.outcome.bundle, state.observations, state.tasks, stored_response=stored,
+                    include_response=stored_response is None, retracted=job.qr["status"] == "entered-in-error")
         kept = [Written(location, "200", changed=False) for location in todo.kept.values()]
         if todo.transaction is None:
             return kept
@@ -178,9 +189,7 @@ def _response_url(qr: dict) -> str:
     """The server's copy of the response: by id, or by the identifier it was written under."""
     if qr.get("id"):
         return f"QuestionnaireResponse/{qr['id']}"
-    ident = qr.get("identifier") or {}
-    if not ident.get("value"):  # the builder gave it one, made from its content
-        ident = own_identifier(qr)
+    ident = given_identifier(qr) or own_identifier(qr)  # as the builder wrote it
     return "QuestionnaireResponse?" + urlencode({"identifier": token(ident.get("system"), ident["value"],
                                                                       in_url=False)})
 
