@@ -40,6 +40,8 @@ from pathlib import Path
 
 import orjson
 
+from tests.fhir_helpers import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "questionnaires" / "examples" / "qr-refer-asas.json"
 PATH = "/QuestionnaireResponse/$extract"
@@ -165,12 +167,6 @@ def load_main(args: argparse.Namespace) -> None:
 
 
 # -- the orchestrator ---------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def cores() -> tuple[set[int] | None, set[int] | None]:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -67,18 +69,34 @@ def _install_server() -> None:
                    stdout=subprocess.DEVNULL, timeout=600)
 
 
-def _wait_until_ready(base_url: str, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the test FHIR server exited with status {server.returncode}")
-        try:
-            if httpx.get(f"{base_url}/metadata", timeout=2).status_code == 200:
+def free_port() -> int:
+    """A port nobody listens on (now)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, timeout: float, said: Callable[[], str] = str) -> None:
+    """Until `url` answers 200; a process that exits first, or a timeout, fails with what it `said` (its log)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with status {process.returncode}:\n{said()}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(url, timeout=2).status_code == 200:
                 return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("the test FHIR server did not answer /metadata in time")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer within {timeout} s:\n{said()}")
+        time.sleep(0.1)
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 @contextmanager
@@ -93,11 +111,7 @@ def local_fhir_server() -> Iterator[str]:
         if not port:
             raise RuntimeError(f"the test FHIR server did not say where it listens: {first_line!r}")
         base_url = f"http://127.0.0.1:{port.group(1)}"
-        _wait_until_ready(base_url, server)
+        wait_until_ready(f"{base_url}/metadata", server, START_TIMEOUT)
         yield base_url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)

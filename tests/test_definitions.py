@@ -130,25 +130,26 @@ def basdai() -> dict:
     return load(QUESTIONNAIRES / "basdai.json")
 
 
+def code_system(name: str, url: str) -> dict[str, dict]:
+    """The codes of a published CodeSystem, after checking it is the one the plugin names."""
+    cs = load(QUESTIONNAIRES / name)
+    assert cs["url"] == url
+    return codes_of(cs)
+
+
 @pytest.fixture(scope="module")
 def item_codes() -> dict[str, dict]:
-    cs = load(QUESTIONNAIRES / "screening-items.json")
-    assert cs["url"] == systems.ITEMS
-    return codes_of(cs)
+    return code_system("screening-items.json", systems.ITEMS)
 
 
 @pytest.fixture(scope="module")
 def answer_codes() -> dict[str, dict]:
-    cs = load(QUESTIONNAIRES / "screening-answers.json")
-    assert cs["url"] == systems.ANSWERS
-    return codes_of(cs)
+    return code_system("screening-answers.json", systems.ANSWERS)
 
 
 @pytest.fixture(scope="module")
 def result_codes() -> dict[str, dict]:
-    cs = load(QUESTIONNAIRES / "screening-results.json")
-    assert cs["url"] == systems.RESULTS
-    return codes_of(cs)
+    return code_system("screening-results.json", systems.RESULTS)
 
 
 @pytest.fixture(scope="module")

@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl
 
-import httpx
 import orjson
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, Request, expect, sync_playwright
+
+from tests.fhir_helpers import free_port, stop, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -60,12 +59,6 @@ def choice_label(link_id: str, code: str) -> str:
 
 # --- the service and the browser ---------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @dataclass(frozen=True)
 class Service:
     url: str
@@ -80,7 +73,7 @@ class Service:
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """The real service on a free port with its own embedded store; always stopped."""
     where = tmp_path_factory.mktemp("form-browser")
-    port = _free_port()
+    port = free_port()
     # The embedded store, whatever the environment says (FHIR_BASE_URL may point the other tests at a server).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKPAIN_", "FHIR_"))}
     log = (where / "serve.log").open("wb")
@@ -90,26 +83,10 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     running = Service(f"http://127.0.0.1:{port}", where / "serve.log")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"the service stopped at start-up:\n{running.said()}")
-            try:
-                if httpx.get(f"{running.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the service was not ready within 30 s:\n{running.said()}")
-            time.sleep(0.1)
+        wait_until_ready(f"{running.url}/readyz", server, 30, running.said)
         yield running
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server)
         log.close()
 
 

@@ -15,7 +15,6 @@ import hmac
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import pytest
 from lxml import etree
 
 from plugin.sqlite_store import SqliteStore
+from tests.fhir_helpers import free_port, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "questionnaires" / "examples"
@@ -37,12 +37,6 @@ NS = {"f": FHIR_NS}
 FORM_SECRET = "e2e-form-secret"
 JSON_BODY = {"Content-Type": "application/fhir+json"}
 START_TIMEOUT = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def server_env(home: Path) -> dict[str, str]:
@@ -81,16 +75,7 @@ def serving(home: Path, *flags: str) -> Iterator[Server]:
                                    start_new_session=True)  # its own process group: the workers stop with it
     base_url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"the server exited with {process.returncode}:\n{log.read_text()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the server was not ready in {START_TIMEOUT} s:\n{log.read_text()}")
-            time.sleep(0.1)
+        wait_until_ready(f"{base_url}/readyz", process, START_TIMEOUT, log.read_text)
         running = Server(base_url, store, log, process)
         yield running
     finally:

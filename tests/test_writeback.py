@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import uuid
 
@@ -10,7 +9,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.fhir_helpers import CLI, ROOT, for_patient, results, tasks, total
+from tests.fhir_helpers import CLI, ROOT, for_patient, free_port, results, tasks, total
 
 # every example that writes results, with the outcome it must write (questionnaires/examples/README.md)
 OUTCOMES = {
@@ -99,10 +98,8 @@ def test_submit_in_progress_writes_nothing(fhir: httpx.Client, fhir_base_url: st
 
 
 def test_server_down_is_a_clear_error_and_a_non_zero_exit(patient: str):
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    done = cli("submit", "-", stdin=for_patient("qr-refer-asas.json", patient), base_url=f"http://127.0.0.1:{port}")
+    done = cli("submit", "-", stdin=for_patient("qr-refer-asas.json", patient),
+               base_url=f"http://127.0.0.1:{free_port()}")
     assert done.returncode == 1
     err = done.stderr.decode()
     assert "could not be reached" in err and "Nothing was written" in err and "Traceback" not in err
