@@ -43,6 +43,7 @@ class ServiceSettings:
     form_secret: str | None = field(default=None, repr=False)  # signs portal links that name a patient
     cors_origins: tuple[str, ...] = ()
     public_url: str | None = None  # how callers reach the service, for absolute links; None: from the request
+    smart_launch_client_id: str | None = None  # registered as a SMART app with the EHR: CDS cards link via /launch
     log_level: str = "info"
 
     def scoring(self) -> Settings:
@@ -68,6 +69,8 @@ SERVICE_SETTINGS: dict[str, tuple[str, str]] = {
                     "`sig` = HMAC-SHA256(secret, patient reference), hex"),
     "cors_origins": ("BACKPAIN_CORS_ORIGINS", "comma-separated origins allowed to call the API from a browser"),
     "public_url": ("BACKPAIN_PUBLIC_URL", "the service's public base URL, for absolute links"),
+    "smart_launch_client_id": ("BACKPAIN_SMART_LAUNCH_CLIENT_ID", "client id the EHR gave the plugin as a SMART app; "
+                               "set: CDS Hooks cards open the results view through SMART App Launch (`/launch`)"),
     "log_level": ("BACKPAIN_LOG_LEVEL", "debug, info (default), warning or error"),
 }
 
