@@ -29,6 +29,8 @@ export class TestRepository extends MemoryRepository {
   upserts = new Set(); // `Type/id/_history/1` of the PUTs that created their resource (HAPI answers 201)
   baseUrl = ''; // this server's own base URL: absolute references on it are local references
   onCommit = () => {}; // told every new version once it is committed (Subscriptions)
+  persist = undefined; // with DATA_FILE: the Journal (journal.mjs) every commit is appended to
+  pending = []; // in a transaction: its journal lines, appended at commit
 
   // The engine's withTransaction only runs the callback. Here each touched resource is remembered
   // (journal) so a failure puts back just those: O(resources touched), not O(resources stored).
@@ -38,6 +40,7 @@ export class TestRepository extends MemoryRepository {
     try {
       const result = await callback(this);
       this.checkAtCommit();
+      this.persist?.append(this.pending);
       const changed = [...this.journal].map(([key, before]) => [this.current(key), before.resource])
         .filter(([now, before]) => now && now !== before).map(([now]) => now);
       this.journal = undefined;
@@ -48,6 +51,7 @@ export class TestRepository extends MemoryRepository {
       throw error;
     } finally {
       this.journal = undefined;
+      this.pending = [];
     }
   }
 
@@ -142,6 +146,7 @@ export class TestRepository extends MemoryRepository {
       putCreated.add(stored);
     }
     this.indexes.add(stored, this.baseUrl);
+    this.record({ put: stored, viaPut: update && !existing });
     if (!this.journal) this.onCommit(stored);
     return saved;
   }
@@ -161,6 +166,34 @@ export class TestRepository extends MemoryRepository {
     tombstones.add(tombstone);
     history.push(tombstone);
     this.indexes.remove(resourceType, id);
+    this.record({ deleted: tombstone });
+  }
+
+  // A committed write for the journal (DATA_FILE); in a transaction, kept until it commits.
+  record(entry) {
+    if (!this.persist) return;
+    if (this.journal) this.pending.push(JSON.stringify(entry));
+    else this.persist.append([JSON.stringify(entry)]);
+  }
+
+  // One journal entry put back at start, as it was (same version and lastUpdated), without notifying anyone.
+  restore({ put, viaPut, deleted }) {
+    const resource = put ?? deleted;
+    const { resourceType, id } = resource;
+    if (!this.resources.has(resourceType)) this.resources.set(resourceType, new Map());
+    if (!this.history.has(resourceType)) this.history.set(resourceType, new Map());
+    const history = this.history.get(resourceType);
+    if (!history.has(id)) history.set(id, []);
+    history.get(id).push(resource);
+    this.indexes.remove(resourceType, id);
+    if (deleted) {
+      tombstones.add(resource);
+      this.resources.get(resourceType).delete(id);
+      return;
+    }
+    if (viaPut) putCreated.add(resource);
+    this.resources.get(resourceType).set(id, resource);
+    this.indexes.add(resource, this.baseUrl);
   }
 
   async readResource(resourceType, id) {
