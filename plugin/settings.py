@@ -44,6 +44,7 @@ class ServiceSettings:
     cors_origins: tuple[str, ...] = ()
     public_url: str | None = None  # how callers reach the service, for absolute links; None: from the request
     smart_launch_client_id: str | None = None  # registered as a SMART app with the EHR: CDS cards link via /launch
+    cds_issuers: tuple[str, ...] = ()  # `iss|jwks_url` the CDS Hooks JWTs may come from; none: CDS calls refused
     log_level: str = "info"
 
     def scoring(self) -> Settings:
@@ -71,6 +72,9 @@ SERVICE_SETTINGS: dict[str, tuple[str, str]] = {
     "public_url": ("BACKPAIN_PUBLIC_URL", "the service's public base URL, for absolute links"),
     "smart_launch_client_id": ("BACKPAIN_SMART_LAUNCH_CLIENT_ID", "client id the EHR gave the plugin as a SMART app; "
                                "set: CDS Hooks cards open the results view through SMART App Launch (`/launch`)"),
+    "cds_issuers": ("BACKPAIN_CDS_ISSUERS", "comma-separated `issuer|jwks_url` pairs: the CDS Clients whose "
+                    "signed JWTs the CDS Hooks service accepts, and their JWK Sets (allowed `jku`); unset: "
+                    "CDS Hooks calls are refused"),
     "log_level": ("BACKPAIN_LOG_LEVEL", "debug, info (default), warning or error"),
 }
 

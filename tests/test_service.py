@@ -1081,6 +1081,7 @@ def test_service_settings_from_environment_and_flags(tmp_path):
         "BACKPAIN_FORM_SECRET": "form-secret", "BACKPAIN_CORS_ORIGINS": "https://a.example, https://b.example,",
         "BACKPAIN_PUBLIC_URL": "https://screen.example.org", "BACKPAIN_LOG_LEVEL": "warning",
         "BACKPAIN_SMART_LAUNCH_CLIENT_ID": "screening-app",
+        "BACKPAIN_CDS_ISSUERS": "https://ehr.example.org|https://ehr.example.org/jwks, https://b.example|https://b.example/k",
     }
     assert set(environ) == {variable for variable, _ in SERVICE_SETTINGS.values()}
     settings = service_settings(environ)
@@ -1089,7 +1090,8 @@ def test_service_settings_from_environment_and_flags(tmp_path):
         store_path=tmp_path / "s.sqlite3", host="0.0.0.0", port=9001, workers=3, strategy="nice-ng65",
         max_body_bytes=2048, ingest_token="ingest-secret", notify_secret="notify-secret", form_secret="form-secret",
         cors_origins=("https://a.example", "https://b.example"), public_url="https://screen.example.org",
-        log_level="warning", smart_launch_client_id="screening-app")
+        log_level="warning", smart_launch_client_id="screening-app",
+        cds_issuers=("https://ehr.example.org|https://ehr.example.org/jwks", "https://b.example|https://b.example/k"))
     assert settings.scoring().max_body_bytes == 2048 and settings.scoring().strategy == "nice-ng65"
     for secret in ("outbound-secret", "ingest-secret", "notify-secret", "form-secret"):
         assert secret not in repr(settings)
