@@ -15,12 +15,13 @@ import orjson
 
 from plugin import __version__
 from plugin.batch import run_batch, summary
-from plugin.fhir_client import FhirError
+from plugin.fhir_client import FhirClient, FhirError
 from plugin.outcome import InvalidInput, invalid
 from plugin.parsing import parse_body
 from plugin.pipeline import Outcome, Screener
 from plugin.settings import Settings, service_settings
 from plugin.store import Store, open_store
+from plugin.subscribe import Change, check_endpoint, check_secret, report, subscribe
 from plugin.sync import SyncBusy, default_state_file, sync
 from plugin.writeback import Written, publish, submit
 
@@ -85,6 +86,18 @@ def _parser() -> argparse.ArgumentParser:
                        help="the watermark file (default: $XDG_STATE_HOME/backpain-screen/sync-state.json)")
     _strategy(sync_)
     sync_.set_defaults(run=_sync)
+
+    subscribe_ = commands.add_parser("subscribe", help="create or update the FHIR server's rest-hook Subscriptions "
+                                     "that notify the plugin (secret from $BACKPAIN_NOTIFY_SECRET)")
+    subscribe_.add_argument("--fhir-base-url", help="the EHR's FHIR server (default: $FHIR_BASE_URL)")
+    subscribe_.add_argument("--endpoint", help="where the server sends notifications: the plugin's /notify "
+                            "(default: $BACKPAIN_PUBLIC_URL/notify)")
+    subscribe_.add_argument("--allow-http", action="store_true",
+                            help="allow a plain-http endpoint on another host (a private network only)")
+    subscribe_.add_argument("--dry-run", action="store_true", help="say what would change and print the "
+                            "Subscriptions (secret hidden); write nothing")
+    subscribe_.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
+    subscribe_.set_defaults(run=_subscribe, store=None)
     return parser
 
 
@@ -162,6 +175,44 @@ def _sync(args: argparse.Namespace, settings: Settings) -> int:
     _print_json(dict(counts))
     summary_line = ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "nothing new"
     print(f"backpain-screen: sync done: {summary_line}.", file=sys.stderr)
+    return 0
+
+
+def _subscribe(args: argparse.Namespace, _: Settings) -> int:
+    public_url = os.environ.get("BACKPAIN_PUBLIC_URL")
+    endpoint = args.endpoint or (f"{public_url.rstrip('/')}/notify" if public_url else None)
+    try:
+        if not service_settings(fhir_base_url=args.fhir_base_url).fhir_base_url:
+            raise ValueError("subscribe needs a FHIR server (--fhir-base-url or FHIR_BASE_URL); "
+                             "the embedded store sends no notifications")
+        if not endpoint:
+            raise ValueError("give --endpoint (the plugin's /notify URL as the FHIR server reaches it), "
+                             "or set BACKPAIN_PUBLIC_URL")
+        endpoint = check_endpoint(endpoint, args.allow_http)
+        secret = check_secret(os.environ.get("BACKPAIN_NOTIFY_SECRET"))
+    except ValueError as error:
+        print(f"backpain-screen: {error}.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    async def run() -> list[Change]:
+        async with _client(args) as client:
+            assert isinstance(client, FhirClient)  # a FHIR server was checked for above
+            return await subscribe(client, endpoint, secret, dry_run=args.dry_run)
+
+    try:
+        changes = asyncio.run(run())
+    except FhirError as error:
+        hint = " (changed by someone else meanwhile: run subscribe again)" if error.status in (409, 412) else ""
+        print(f"backpain-screen: {error}{hint}", file=sys.stderr)
+        return EXIT_SERVER
+    _print_json(report(changes, endpoint, args.dry_run))
+    counts = ", ".join(f"{sum(c.action == a for c in changes)} {a}" for a in ("created", "updated", "unchanged"))
+    print(f"backpain-screen: Subscriptions{' (dry run)' if args.dry_run else ''}: {counts}.", file=sys.stderr)
+    for change in changes:
+        if change.duplicates:
+            extra = ", ".join(f"Subscription/{d}" for d in change.duplicates)
+            print(f"backpain-screen: warning: {extra} also notify about {change.questionnaire} "
+                  f"(left alone; delete them to stop duplicate notifications).", file=sys.stderr)
     return 0
 
 
