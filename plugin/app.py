@@ -17,7 +17,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from plugin import api, formats, pages
+from plugin import api, formats, pages, populate_api
 from plugin.fhir_client import FhirError
 from plugin.observability import LOG, RequestMetrics, configure_logging
 from plugin.openapi import openapi
@@ -69,6 +69,8 @@ def routes() -> list:
         Route("/metadata", api.metadata, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/Questionnaire", api.search_definitions, methods=["GET"]),
+        Route("/Questionnaire/$populate", populate_api.populate_type, methods=["POST"]),  # before {id}
+        Route("/Questionnaire/{id}/$populate", populate_api.populate_instance, methods=["POST"]),
         Route("/Questionnaire/{id}", api.read_definition, methods=["GET"]),
         Route("/CodeSystem", api.search_definitions, methods=["GET"]),
         Route("/CodeSystem/{id}", api.read_definition, methods=["GET"]),

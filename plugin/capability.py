@@ -11,6 +11,8 @@ DEFINITION_SEARCH = [{"name": "url", "type": "uri"}, {"name": "version", "type":
 def capability_statement(base_url: str) -> dict:
     definitions = [{"type": t, "interaction": [{"code": "read"}, {"code": "search-type"}],
                     "searchParam": DEFINITION_SEARCH} for t in ("Questionnaire", "CodeSystem")]
+    definitions[0]["operation"] = [{"name": "populate", "definition": "http://hl7.org/fhir/uv/sdc/"
+                                                                      "OperationDefinition/Questionnaire-populate"}]
     response = {
         "type": "QuestionnaireResponse",
         "interaction": [{"code": "create"}, {"code": "update",

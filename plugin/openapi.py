@@ -71,6 +71,13 @@ def document() -> dict:
             "/metadata": {"get": _op("The CapabilityStatement", _answers(200))},
             **_definitions("Questionnaire"),
             **_definitions("CodeSystem"),
+            "/Questionnaire/$populate": {"post": _op(
+                "SDC $populate: an in-progress response prefilled from the patient's record (age, HLA-B27, CRP)",
+                _answers(200, 400, 401, 404, 413, 415, 422, 503), body=PARAMETERS, security=True)},
+            "/Questionnaire/{id}/$populate": {"post": _op(
+                "SDC $populate on one published Questionnaire",
+                _answers(200, 400, 401, 404, 413, 415, 422, 503), body=PARAMETERS, params=[ID, FORMAT],
+                security=True)},
             "/QuestionnaireResponse/$extract": {"post": _op(
                 "SDC $extract: score a response, return the result Bundle, write nothing",
                 _answers(200, 400, 413, 415), body=qr_or_parameters)},
