@@ -2,10 +2,12 @@
 
 The builder says what the results of a response are; the server holds
 what was written before. This compares the two, entry by entry:
-- a result that is on the server unchanged is not written again;
-- a result that changed (an amended response, a new version of it, or a
-  retraction) is updated in place with If-Match on the version read, so a
-  concurrent change is never overwritten (the server answers 412);
+- a result that is on the server unchanged, from the same rule set
+  version, is not written again;
+- a result that changed (an amended response, a new version of it, a
+  retraction, or a re-score under a new rule set version) is updated in
+  place with If-Match on the version read, so a concurrent change is never
+  overwritten (the server answers 412);
 - a Task still open that no longer applies is cancelled; a Task the care
   team already acted on is left as they left it;
 - the Provenance is written only when something else is.
@@ -24,6 +26,7 @@ from plugin.building import uuid5
 
 # Tasks nobody has acted on yet; one the care team accepted or started is theirs to close.
 OPEN_TASK = frozenset({"draft", "requested", "received", "ready"})
+FINISHED = frozenset({"final", "amended"})  # a result's statuses that are not a retraction
 # What a result says; bookkeeping (ids, meta, times, references to this run's entries) is not compared.
 COMPARED = ("code", "subject", "effectiveDateTime", "valueInteger", "valueBoolean",
             "valueCodeableConcept", "valueQuantity", "dataAbsentReason", "interpretation", "component")
@@ -83,12 +86,27 @@ def _observation(entry: dict, observations: dict[str, dict], resolved: dict[str,
     if stored is None:
         return [entry]
     resolved[entry["fullUrl"]] = f"Observation/{stored['id']}"
-    if _same_finding(resource, stored):
+    same = _same_finding(resource, stored)
+    if same and _same_rules(resource, stored):
         return []
     changed = {**resource, "id": stored["id"]}
-    if changed["status"] == "final":  # a new version of a response: its results are amended
-        changed["status"] = "amended"
+    if changed["status"] == "final":
+        # A finding that changed after it was final is amended (a new version of the response, or a rule
+        # change that altered it); one that a new rule set version merely confirms keeps its status.
+        changed["status"] = stored["status"] if same and stored.get("status") in FINISHED else "amended"
     return [_update(entry["fullUrl"], changed, stored)]
+
+
+def _same_rules(wanted: dict, stored: dict) -> bool:
+    """Whether the stored result already names the rule set version that produced the wanted one.
+
+    A re-score under a new rule set version rewrites even an unchanged finding (same status), so every
+    result names the version that last confirmed it and `_tag` finds the responses not yet re-scored.
+    Checked as "among the stored tags": a server that carries old tags over on update still matches.
+    """
+    tags = {(t.get("system"), t.get("code")) for t in stored.get("meta", {}).get("tag", [])}
+    return all((t["system"], t["code"]) in tags for t in wanted.get("meta", {}).get("tag", [])
+               if t["system"] == systems.RULE_SET_TAG)
 
 
 def _same_response(wanted: dict, stored: dict) -> bool:
@@ -99,7 +117,7 @@ def _same_response(wanted: dict, stored: dict) -> bool:
 def _same_finding(wanted: dict, stored: dict) -> bool:
     """Unchanged results stay as they are: an amended response does not make every result 'amended'."""
     statuses = {wanted["status"], stored.get("status")}
-    same_status = len(statuses) == 1 or statuses <= {"final", "amended"}
+    same_status = len(statuses) == 1 or statuses <= FINISHED
     return same_status and all(wanted.get(k) == stored.get(k) for k in COMPARED)
 
 
