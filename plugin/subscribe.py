@@ -28,6 +28,7 @@ TAG_SYSTEM = f"{systems.BASE}/subscription"  # code: the Questionnaire's id (its
 SECRET_HEADER = "X-Notification-Secret"
 LIVE = frozenset({"requested", "active"})  # what the server may make of `requested`: nothing to change
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
+PRIVATE_SUFFIXES = (".svc", ".cluster.local", ".internal", ".local", ".lan", ".home.arpa")
 HIDDEN = "(hidden)"
 
 
@@ -53,11 +54,13 @@ class Change:
         return entry
 
 
-def check_endpoint(endpoint: str, allow_http: bool = False) -> str:
-    """The endpoint without a trailing slash; ValueError with a plain sentence if the server cannot use it.
+def check_endpoint(endpoint: str, allow_http: bool = False) -> tuple[str, str | None]:
+    """The endpoint without a trailing slash, and a warning if any; ValueError if it will not do.
 
-    The secret travels in a header, so plain http is refused unless the host
-    is this machine (or `allow_http`, for a private network such as a cluster).
+    The secret travels in a header, so plain http is accepted quietly only to
+    this machine; to a private network (a compose service name, a cluster's
+    `.svc` name, a private address) with a warning; elsewhere only with
+    `allow_http`.
     """
     parts = urlsplit(endpoint)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -68,10 +71,13 @@ def check_endpoint(endpoint: str, allow_http: bool = False) -> str:
     if parts.query or parts.fragment:
         raise ValueError("the endpoint must have no query or fragment: the server appends "
                          "/QuestionnaireResponse/{id} to it")
-    if parts.scheme == "http" and not allow_http and not _loopback(parts.hostname):
+    if parts.scheme == "https" or _loopback(parts.hostname):
+        return endpoint.rstrip("/"), None
+    if not (allow_http or _private(parts.hostname)):
         raise ValueError("the endpoint is plain http to another machine, so the notification secret would "
                          "cross the network in clear; use https, or --allow-http on a private network")
-    return endpoint.rstrip("/")
+    return endpoint.rstrip("/"), (f"the endpoint is plain http: the notification secret crosses the network "
+                                  f"to {parts.hostname} in clear; keep that network private")
 
 
 def check_secret(secret: str | None) -> str:
@@ -83,6 +89,14 @@ def check_secret(secret: str | None) -> str:
         raise ValueError("BACKPAIN_NOTIFY_SECRET must be printable ASCII without surrounding spaces "
                          "(it is sent as an HTTP header)")
     return secret
+
+
+def _private(host: str) -> bool:
+    """A name or address that only a private network resolves: a compose service, a cluster service, RFC 1918."""
+    try:
+        return ipaddress.ip_address(host).is_private
+    except ValueError:
+        return "." not in host or host.lower().endswith(PRIVATE_SUFFIXES)
 
 
 def _loopback(host: str) -> bool:

@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from plugin.cli import EXIT_BAD_INPUT, main
-from plugin.subscribe import TAG_SYSTEM, differences, merged, subscription
+from plugin.subscribe import TAG_SYSTEM, check_endpoint, differences, merged, subscription
 from tests.fhir_helpers import (
     CLI,
     ROOT,
@@ -297,3 +297,18 @@ def test_the_subscription_compares_only_what_the_plugin_sets():
     assert put["id"] == "7" and put["end"] == "2030-01-01T00:00:00Z" and "error" not in put
     assert put["channel"]["endpoint"] == "https://plugin.example.org/notify" and put["status"] == "requested"
     assert {t["code"] for t in put["meta"]["tag"]} == {"IN_MEMORY", "back-pain-screening"}
+
+
+@pytest.mark.parametrize(("endpoint", "allow_http", "warned"), [
+    ("https://plugin.example.org/notify/", False, False),  # the trailing slash goes
+    ("http://127.0.0.1:8000/notify", False, False),
+    ("http://localhost:8000/notify", False, False),
+    ("http://[::1]:8000/notify", False, False),
+    ("http://plugin:8000/notify", False, True),  # a compose service
+    ("http://backpain-screen.clinic.svc:8000/notify", False, True),  # a Kubernetes service
+    ("http://10.1.2.3:8000/notify", False, True),
+    ("http://plugin.example.org/notify", True, True),
+])
+def test_plain_http_is_quiet_only_to_this_machine(endpoint: str, allow_http: bool, warned: bool):
+    checked, warning = check_endpoint(endpoint, allow_http)
+    assert checked == endpoint.rstrip("/") and bool(warning) == warned
