@@ -112,7 +112,7 @@ def _server(parser: argparse.ArgumentParser) -> None:
 def _client(args: argparse.Namespace) -> Store:
     """The FHIR server when one is given (flag or environment), else the embedded store."""
     chosen = service_settings(fhir_base_url=args.fhir_base_url, store_path=args.store)
-    return open_store(chosen.fhir_base_url, chosen.fhir_bearer_token, chosen.store_path, timeout=args.timeout)
+    return open_store(chosen, timeout=args.timeout)
 
 
 def _publish(args: argparse.Namespace, settings: Settings) -> int:

@@ -25,7 +25,8 @@ import orjson
 FHIR_JSON = "application/fhir+json"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
-# Where an Authorization header comes from: a fixed bearer token now, SMART Backend Services later.
+# Where an Authorization header comes from: a fixed bearer token, or SMART Backend Services (smart_auth), whose
+# source also has `invalidate(token)`: a 401 then gets one retry with a new token.
 TokenSource = Callable[[], Awaitable[str]]
 
 
@@ -149,6 +150,11 @@ class FhirClient:
         url = path if path.startswith("http") else f"{self.base_url}/{path}" if path else self.base_url
         async with self.slots:
             response = await self._send(method, url, content, params, all_headers)
+        if response.status_code == 401 and (invalidate := getattr(self.token, "invalidate", None)):
+            invalidate(all_headers["Authorization"].removeprefix("Bearer "))  # expired or revoked early
+            all_headers["Authorization"] = f"Bearer {await self.token()}"  # type: ignore[misc]
+            async with self.slots:
+                response = await self._send(method, url, content, params, all_headers)
         if response.status_code >= 400:
             raise _error(method, url, response)
         try:

@@ -28,7 +28,7 @@ class Service:
     def __init__(self, settings: ServiceSettings, store: Store | None = None) -> None:
         self.settings = settings
         self.screener = Screener(settings.scoring())
-        self.store = store or open_store(settings.fhir_base_url, settings.fhir_bearer_token, settings.store_path)
+        self.store = store or open_store(settings)
         self.metrics = Metrics()
         self.catching_up: asyncio.Task | None = None
         self.again = False  # a notification came while a catch-up ran: run once more after it

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 MAX_BODY_BYTES = 1024 * 1024  # 1 MiB: a screening response is ~3 kB
+# SMART v2 scopes for what the plugin reads and writes (see plugin/smart_auth.py for why each).
+DEFAULT_SMART_SCOPES = ("system/Questionnaire.crus system/CodeSystem.crus system/Device.crus "
+                        "system/QuestionnaireResponse.crus system/Observation.crus system/Task.crus "
+                        "system/Provenance.cs system/Patient.r")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,10 @@ class ServiceSettings:
     cors_origins: tuple[str, ...] = ()
     public_url: str | None = None  # how callers reach the service, for absolute links; None: from the request
     smart_launch_client_id: str | None = None  # registered as a SMART app with the EHR: CDS cards link via /launch
+    smart_client_id: str | None = None  # SMART Backend Services client: writes to the FHIR server with its tokens
+    smart_private_key: str | None = field(default=None, repr=False)  # path of its private key (PEM or JWK)
+    smart_key_id: str | None = None  # the key's kid in the registered JWKS; None: the JWK's own, or its thumbprint
+    smart_scopes: str = DEFAULT_SMART_SCOPES
     cds_issuers: tuple[str, ...] = ()  # `iss|jwks_url` the CDS Hooks JWTs may come from; none: CDS calls refused
     log_level: str = "info"
 
@@ -72,6 +80,15 @@ SERVICE_SETTINGS: dict[str, tuple[str, str]] = {
     "public_url": ("BACKPAIN_PUBLIC_URL", "the service's public base URL, for absolute links"),
     "smart_launch_client_id": ("BACKPAIN_SMART_LAUNCH_CLIENT_ID", "client id the EHR gave the plugin as a SMART app; "
                                "set: CDS Hooks cards open the results view through SMART App Launch (`/launch`)"),
+    "smart_client_id": ("BACKPAIN_SMART_CLIENT_ID", "SMART Backend Services client id the EHR registered; set: "
+                        "the plugin gets its access tokens from the EHR's authorization server (instead of "
+                        "`FHIR_BEARER_TOKEN`)"),
+    "smart_private_key": ("BACKPAIN_SMART_PRIVATE_KEY", "file of the client's private key: PEM or JWK, RSA "
+                          "(RS384) or EC P-384 (ES384)"),
+    "smart_key_id": ("BACKPAIN_SMART_KEY_ID", "the key's `kid` in the JWKS registered with the EHR (default: "
+                     "the JWK's `kid`, else its RFC 7638 thumbprint)"),
+    "smart_scopes": ("BACKPAIN_SMART_SCOPES", "scopes asked for (default: the SMART v2 `system/` scopes of "
+                     "what the plugin reads and writes)"),
     "cds_issuers": ("BACKPAIN_CDS_ISSUERS", "comma-separated `issuer|jwks_url` pairs: the CDS Clients whose "
                     "signed JWTs the CDS Hooks service accepts, and their JWK Sets (allowed `jku`); unset: "
                     "CDS Hooks calls are refused"),

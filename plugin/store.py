@@ -10,8 +10,10 @@ an OperationOutcome when a request is refused (404, 409, 412, 400, ...).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from plugin.settings import ServiceSettings
 
 
 class Store(Protocol):
@@ -44,13 +46,14 @@ class Store(Protocol):
         """Conditional update (`PUT Type?params`): updates the one match or creates; the stored copy."""
 
 
-def open_store(fhir_base_url: str | None, bearer_token: str | None, store_path: Path,
-               timeout: float = 30.0) -> Store:
-    """The EHR's FHIR server when one is configured, else the embedded store."""
-    if fhir_base_url:
-        from plugin.fhir_client import FhirClient, bearer
+def open_store(settings: ServiceSettings, timeout: float = 30.0) -> Store:
+    """The EHR's FHIR server when one is configured (with SMART Backend Services tokens when a SMART client
+    is configured, else the fixed bearer token, if any), else the embedded store."""
+    if settings.fhir_base_url:
+        from plugin.fhir_client import FhirClient
+        from plugin.smart_auth import token_source
 
-        return FhirClient(fhir_base_url, token=bearer(bearer_token) if bearer_token else None, timeout=timeout)
+        return FhirClient(settings.fhir_base_url, token=token_source(settings, timeout), timeout=timeout)
     from plugin.sqlite_store import SqliteStore
 
-    return SqliteStore(store_path)
+    return SqliteStore(settings.store_path)

