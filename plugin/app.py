@@ -17,7 +17,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from plugin import api, formats, pages, populate_api
+from plugin import api, cds_hooks, formats, pages, populate_api
 from plugin.fhir_client import FhirError
 from plugin.observability import LOG, RequestMetrics, configure_logging
 from plugin.openapi import openapi
@@ -79,6 +79,9 @@ def routes() -> list:
         Route("/QuestionnaireResponse/{id}", api.notified_with_payload, methods=["PUT"]),
         Route("/notify/QuestionnaireResponse/{id}", api.notified_with_payload, methods=["PUT"]),
         Route("/notify", api.notified_without_payload, methods=["POST"]),
+        Route("/cds-services", cds_hooks.discovery, methods=["GET"]),
+        Route(f"/cds-services/{cds_hooks.SERVICE_ID}", cds_hooks.call, methods=["POST"]),
+        Route(f"/cds-services/{cds_hooks.SERVICE_ID}/feedback", cds_hooks.feedback, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
