@@ -16,7 +16,7 @@ MAX_BODY_BYTES = 1024 * 1024  # 1 MiB: a screening response is ~3 kB
 # SMART v2 scopes for what the plugin reads and writes (see plugin/smart_auth.py for why each).
 DEFAULT_SMART_SCOPES = ("system/Questionnaire.crus system/CodeSystem.crus system/Device.crus "
                         "system/QuestionnaireResponse.crus system/Observation.crus system/Task.crus "
-                        "system/Provenance.cs system/Patient.r")
+                        "system/Provenance.cs system/Patient.r system/Subscription.crus")
 
 
 @dataclass(frozen=True, slots=True)

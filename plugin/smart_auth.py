@@ -44,7 +44,9 @@ TOKEN_RETRY = RetryPolicy(attempts=3)  # the token endpoint, on 429, 5xx and con
 # r read, u update, d delete, s search): publish makes conditional updates of Questionnaire, CodeSystem and
 # Device (search, then create or update); submit and the service read results by identifier, the response
 # and its Patient in one batch, then write one transaction of conditional creates and updates (Observation,
-# Task, QuestionnaireResponse, Device; Provenance is created, if no copy is found); sync searches responses.
+# Task, QuestionnaireResponse, Device; Provenance is created, if no copy is found); sync searches responses;
+# $populate searches a patient's Observations and responses and reads the Patient; subscribe searches, creates
+# and updates its Subscriptions.
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
