@@ -144,7 +144,7 @@ def differences(stored: dict, want: dict) -> tuple[str, ...]:
     for name in ("type", "endpoint", "payload"):
         if (have.get(name) or "").rstrip("/") != need[name].rstrip("/"):
             found.append(f"channel.{name}")
-    if sorted(have.get("header") or []) != sorted(need["header"]):
+    if _secret_lines(have) != _secret_lines(need):
         found.append("channel.header")
     tag = want["meta"]["tag"][0]
     if not any(t.get("system") == tag["system"] and t.get("code") == tag["code"]
@@ -183,13 +183,22 @@ async def _settle(client: FhirClient, url: str, want: dict, found: list[dict], d
 
 def merged(current: dict, want: dict) -> dict:
     """What to PUT: the wanted elements over the stored ones, so what others added (`contact`, `end`,
-    extensions, the server's own tags) is kept; `error` goes, as the status is `requested` again."""
+    extensions, other channel headers, the server's own tags) is kept; `error` goes, as the status is
+    `requested` again."""
     tags = [t for t in (current.get("meta") or {}).get("tag") or [] if t.get("system") != TAG_SYSTEM]
     kept = {k: v for k, v in current.items() if k not in ("meta", "text", "error")}
-    channel = {**(current.get("channel") or {}), **want["channel"]}
+    have = current.get("channel") or {}
+    others = [line for line in have.get("header") or [] if line not in _secret_lines(have)]
+    channel = {**have, **want["channel"], "header": [*others, *want["channel"]["header"]]}
     return {"resourceType": "Subscription", "id": current["id"], "meta": {"tag": [*tags, *want["meta"]["tag"]]},
             **{k: v for k, v in kept.items() if k != "id"}, **{k: v for k, v in want.items() if k != "meta"},
             "channel": channel}
+
+
+def _secret_lines(channel: dict) -> list[str]:
+    """The channel's X-Notification-Secret header lines: the only header the plugin manages."""
+    return sorted(line for line in channel.get("header") or []
+                  if line.partition(":")[0].strip().lower() == SECRET_HEADER.lower())
 
 
 def _age(stored: dict) -> tuple[bool, int, str]:

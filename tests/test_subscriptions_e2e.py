@@ -293,7 +293,12 @@ def test_the_subscription_compares_only_what_the_plugin_sets():
     assert differences({**stored, "status": "error", "error": "HTTP 401"}, want) == ("status",)
     moved = {**stored, "channel": {**stored["channel"], "endpoint": "https://elsewhere.example.org/notify"}}
     assert differences(moved, want) == ("channel.endpoint",)
-    put = merged({**moved, "end": "2030-01-01T00:00:00Z", "error": "HTTP 401"}, want)
+    gateway = {**stored, "channel": {**stored["channel"], "header": ["X-Gateway-Key: k", *want["channel"]["header"]]}}
+    assert differences(gateway, want) == ()  # a header someone else added is theirs
+    rotated = {**moved, "channel": {**moved["channel"], "header": ["X-Gateway-Key: k", "x-notification-secret: old"]}}
+    assert differences(rotated, want) == ("channel.endpoint", "channel.header")
+    put = merged({**rotated, "end": "2030-01-01T00:00:00Z", "error": "HTTP 401"}, want)
+    assert put["channel"]["header"] == ["X-Gateway-Key: k", f"X-Notification-Secret: {SECRET}"]
     assert put["id"] == "7" and put["end"] == "2030-01-01T00:00:00Z" and "error" not in put
     assert put["channel"]["endpoint"] == "https://plugin.example.org/notify" and put["status"] == "requested"
     assert {t["code"] for t in put["meta"]["tag"]} == {"IN_MEMORY", "back-pain-screening"}
