@@ -59,6 +59,16 @@ def _definitions(kind: str) -> dict:
     }
 
 
+def _cds(summary: str, required: tuple[str, ...], statuses: tuple[int, ...]) -> dict:
+    """A CDS Hooks endpoint: plain JSON in and out, OperationOutcome on errors, a JWT bearer required."""
+    json_object = {"application/json": {"schema": {"type": "object"}}}
+    body = {"type": "object", "required": list(required)}
+    return {"summary": summary, "security": [{"bearer": []}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+            "responses": {str(s): {"description": "OK", "content": json_object} if s == 200 else
+                          {"description": "OperationOutcome", "content": _content(RESOURCE)} for s in statuses}}
+
+
 def document() -> dict:
     qr_or_parameters = {"oneOf": [QR, PARAMETERS]}
     plain = {"200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}}
@@ -92,6 +102,14 @@ def document() -> dict:
             "/results/{id}": {"get": _op(
                 "A response's results: HTML for a clinician, a Bundle for machines",
                 _answers(200, 401, 404, html=True), params=[ID, FORMAT], security=True)},
+            "/cds-services": {"get": {"summary": "CDS Hooks 2.0 discovery (open: no patient data)",
+                                      "responses": plain}},
+            "/cds-services/backpain-screening": {"post": _cds(
+                "CDS Hooks patient-view call: cards from the patient's latest screening (signed JWT required)",
+                ("hook", "hookInstance", "context"), (200, 400, 401, 412, 413))},
+            "/cds-services/backpain-screening/feedback": {"post": _cds(
+                "CDS Hooks feedback: accepted / overridden cards, recorded on the screening Task (signed JWT)",
+                ("feedback",), (200, 400, 401, 404, 413))},
             "/healthz": {"get": {"summary": "Alive", "responses": plain}},
             "/readyz": {"get": {"summary": "Ready: the store answers",
                                 "responses": {**plain, "503": {"description": "Store unavailable"}}}},
