@@ -17,7 +17,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from plugin import api, cds_hooks, formats, pages, populate_api
+from plugin import api, cds_hooks, formats, pages, populate_api, smart_launch
 from plugin.fhir_client import FhirError
 from plugin.observability import LOG, RequestMetrics, configure_logging
 from plugin.openapi import openapi
@@ -66,6 +66,8 @@ def routes() -> list:
         Route("/", pages.form_page, methods=["GET"]),
         Route("/form", pages.submitted, methods=["POST"]),
         Route("/results/{id}", pages.results, methods=["GET"]),
+        Route("/launch", smart_launch.launch, methods=["GET"]),
+        Route("/launch/callback", smart_launch.callback, methods=["GET"]),
         Route("/metadata", api.metadata, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/Questionnaire", api.search_definitions, methods=["GET"]),

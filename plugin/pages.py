@@ -25,6 +25,7 @@ from plugin.outcome import InvalidInput, Issue, invalid
 from plugin.security import refused, require_bearer, same
 from plugin.service import service
 from plugin.settings import ServiceSettings
+from plugin.smart_launch import session_allows
 from plugin.writeback import prepare, read_states, save
 
 TEMPLATES = Environment(loader=PackageLoader("plugin", "templates"), autoescape=select_autoescape(["html"]),
@@ -168,8 +169,9 @@ def _form_values(raw: bytes) -> dict[str, str]:
 async def results(request: Request) -> Response:
     """A response's stored results: HTML for a clinician, a searchset Bundle for machines."""
     svc = service(request)
-    require_bearer(request, svc.settings.ingest_token)
     qr_id = request.path_params["id"]
+    if not session_allows(request, qr_id):  # a clinician launched from the EHR for this response may see it
+        require_bearer(request, svc.settings.ingest_token)
     qr = await svc.store.read(f"QuestionnaireResponse/{qr_id}")
     if qr is None:
         raise invalid("not-found", f"QuestionnaireResponse/{qr_id} is not in the store.", status=404)

@@ -52,6 +52,7 @@ class ServiceSettings:
     smart_private_key: str | None = field(default=None, repr=False)  # path of its private key (PEM or JWK)
     smart_key_id: str | None = None  # the key's kid in the registered JWKS; None: the JWK's own, or its thumbprint
     smart_scopes: str = DEFAULT_SMART_SCOPES
+    session_secret: str | None = field(default=None, repr=False)  # signs the SMART launch's cookies
     cds_issuers: tuple[str, ...] = ()  # `iss|jwks_url` the CDS Hooks JWTs may come from; none: CDS calls refused
     log_level: str = "info"
 
@@ -89,6 +90,8 @@ SERVICE_SETTINGS: dict[str, tuple[str, str]] = {
                      "the JWK's `kid`, else its RFC 7638 thumbprint)"),
     "smart_scopes": ("BACKPAIN_SMART_SCOPES", "scopes asked for (default: the SMART v2 `system/` scopes of "
                      "what the plugin reads and writes)"),
+    "session_secret": ("BACKPAIN_SESSION_SECRET", "signs the SMART App Launch's short-lived cookies; unset: a "
+                       "random key per process, so set it when running more than one worker"),
     "cds_issuers": ("BACKPAIN_CDS_ISSUERS", "comma-separated `issuer|jwks_url` pairs: the CDS Clients whose "
                     "signed JWTs the CDS Hooks service accepts, and their JWK Sets (allowed `jku`); unset: "
                     "CDS Hooks calls are refused"),

@@ -1083,6 +1083,7 @@ def test_service_settings_from_environment_and_flags(tmp_path):
         "BACKPAIN_SMART_LAUNCH_CLIENT_ID": "screening-app",
         "BACKPAIN_SMART_CLIENT_ID": "backpain-plugin", "BACKPAIN_SMART_PRIVATE_KEY": str(tmp_path / "key.pem"),
         "BACKPAIN_SMART_KEY_ID": "key-2026", "BACKPAIN_SMART_SCOPES": "system/Observation.crus",
+        "BACKPAIN_SESSION_SECRET": "session-secret",
         "BACKPAIN_CDS_ISSUERS": "https://ehr.example.org|https://ehr.example.org/jwks, https://b.example|https://b.example/k",
     }
     assert set(environ) == {variable for variable, _ in SERVICE_SETTINGS.values()}
@@ -1094,10 +1095,10 @@ def test_service_settings_from_environment_and_flags(tmp_path):
         cors_origins=("https://a.example", "https://b.example"), public_url="https://screen.example.org",
         log_level="warning", smart_launch_client_id="screening-app",
         smart_client_id="backpain-plugin", smart_private_key=str(tmp_path / "key.pem"), smart_key_id="key-2026",
-        smart_scopes="system/Observation.crus",
+        smart_scopes="system/Observation.crus", session_secret="session-secret",
         cds_issuers=("https://ehr.example.org|https://ehr.example.org/jwks", "https://b.example|https://b.example/k"))
     assert settings.scoring().max_body_bytes == 2048 and settings.scoring().strategy == "nice-ng65"
-    for secret in ("outbound-secret", "ingest-secret", "notify-secret", "form-secret"):
+    for secret in ("outbound-secret", "ingest-secret", "notify-secret", "form-secret", "session-secret"):
         assert secret not in repr(settings)
     flagged = service_settings(environ, port=9100, workers=None, store_path=str(tmp_path / "flag.sqlite3"))
     assert flagged.port == 9100 and flagged.workers == 3  # a flag wins; a flag not given does not
