@@ -9,11 +9,15 @@ settings and commands the plugin really has.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -21,6 +25,7 @@ import yaml
 
 from plugin.cli import _parser
 from plugin.settings import SERVICE_SETTINGS
+from tests.fhir_helpers import CLI, for_patient, free_port, stop, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -267,8 +272,9 @@ def test_compose_starts_in_order_and_the_one_shot_steps_wait() -> None:
     assert "/readyz" in " ".join(services["plugin"]["healthcheck"]["test"])
     assert services["publish"]["depends_on"]["plugin"]["condition"] == "service_healthy"
     assert services["subscribe"]["depends_on"]["publish"]["condition"] == "service_completed_successfully"
-    for name in ("publish", "subscribe"):
+    for name in ("publish", "subscribe", "sync"):
         assert services[name]["restart"] == "no", name
+        assert services[name]["healthcheck"] == {"disable": True}, f"{name} serves nothing for /healthz to find"
 
 
 def test_compose_runs_hapi_on_postgres_with_rest_hooks() -> None:
@@ -407,3 +413,76 @@ def test_the_readme_explains_every_file() -> None:
     files = [name for name in files if not any(name.startswith(pattern) for pattern in ignored)]
     for name in files:
         assert Path(name).name in readme, f"deploy/README.md does not mention {name}"
+
+
+# --- the image's assumptions, checked on a real process ------------------------------------------------------
+
+
+def healthcheck_command(test: list[str], port: int) -> list[str]:
+    """A HEALTHCHECK's exec form, run here: this interpreter for `python`, the test's port for 8000."""
+    assert test[0] == "python"
+    return [sys.executable, *(word.replace(":8000/", f":{port}/") for word in test[1:])]
+
+
+def image_healthcheck() -> list[str]:
+    final = dockerfile()[dockerfile().rindex("\nFROM "):].replace("\\\n", " ")  # continuation lines joined
+    return json.loads(re.search(r"^HEALTHCHECK .*?CMD (\[.*\])$", final, re.MULTILINE).group(1))
+
+
+@pytest.fixture
+def as_in_the_image(tmp_path: Path) -> dict:
+    """The container's layout in miniature: the working and state directories must stay empty (the root
+    filesystem is read-only); only TMPDIR may be written."""
+    for name in ("work", "state", "home", "tmp"):
+        (tmp_path / name).mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKPAIN_", "FHIR_"))}
+    env.update({"HOME": str(tmp_path / "home"), "XDG_STATE_HOME": str(tmp_path / "state"),
+                "TMPDIR": str(tmp_path / "tmp"), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"})
+    return {"env": env, "cwd": tmp_path / "work", "root": tmp_path}
+
+
+def test_the_service_writes_nothing_but_tmp_and_its_health_checks_work(
+        fhir_base_url: str, patient: str, as_in_the_image: dict) -> None:
+    port, env, root = free_port(), as_in_the_image["env"], as_in_the_image["root"]
+    argv = json.loads(re.search(r"^CMD (.*)$", dockerfile(), re.MULTILINE).group(1))
+    argv = [*CLI, *argv, "--port", str(port), "--fhir-base-url", fhir_base_url]
+    log = root / "tmp" / "serve.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(argv, cwd=as_in_the_image["cwd"], env={**env, "BACKPAIN_PORT": str(port)},
+                                   stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}/readyz", process, 60, log.read_text)
+        posted = httpx.post(f"http://127.0.0.1:{port}/QuestionnaireResponse", timeout=30,
+                            content=for_patient("qr-refer-asas.json", patient),
+                            headers={"Content-Type": "application/fhir+json"})
+        assert posted.status_code == 201, posted.text
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 200
+        checks = {"image": image_healthcheck(), "compose": compose()["services"]["plugin"]["healthcheck"]["test"][1:]}
+        for name, test in checks.items():
+            ran = subprocess.run(healthcheck_command(test, port), env={**env, "BACKPAIN_PORT": str(port)},
+                                 capture_output=True, timeout=10)
+            assert ran.returncode == 0, f"{name} health check: {ran.stderr.decode()}"
+    finally:
+        stop(process)
+    dead = subprocess.run(healthcheck_command(image_healthcheck(), port), env={**env, "BACKPAIN_PORT": str(port)},
+                          capture_output=True, timeout=10)
+    assert dead.returncode != 0, "the health check must fail when nothing answers"
+    for name in ("work", "state", "home"):
+        assert not any((root / name).rglob("*")), f"serve wrote to {name}: the read-only root filesystem would refuse"
+
+
+def test_sync_writes_only_its_state_directory(fhir_base_url: str, as_in_the_image: dict) -> None:
+    """The CronJob mounts one volume for the watermark; everything sync writes must be under it."""
+    root = as_in_the_image["root"]
+    cron = next(manifest for _, manifest in manifests() if manifest["kind"] == "CronJob")
+    args = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    state = root / "volume" / Path(args[args.index("--state") + 1]).name
+    state.parent.mkdir()
+    argv = [word.replace("$(FHIR_BASE_URL)", fhir_base_url) for word in args]
+    argv[argv.index("--state") + 1] = str(state)
+    ran = subprocess.run([*CLI, *argv], cwd=as_in_the_image["cwd"], env=as_in_the_image["env"],
+                         capture_output=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr.decode()
+    assert state.exists()
+    for name in ("work", "state", "home"):
+        assert not any((root / name).rglob("*")), f"sync wrote to {name}, outside its volume"
