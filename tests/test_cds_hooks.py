@@ -4,9 +4,11 @@ suggestions applied to a real FHIR server, and feedback recorded on the Task."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -431,6 +433,47 @@ def test_fhir_server_fallback_reads_the_ehr_and_suggestions_apply_there(
     assert stored["status"] == "accepted" and stored["owner"]["reference"] == f"Practitioner/{practitioner}"
     Task.model_validate(stored)
     assert cards_of(client, keys, body) == []  # accepted: nothing more to say
+
+
+class RecordingFhir(ThreadingHTTPServer):
+    """A FHIR server that holds nothing and keeps the Authorization header of each search it is sent."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None]] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                owner.seen.append((self.path, self.headers.get("Authorization")))
+                body = orjson.dumps({"resourceType": "Bundle", "type": "searchset", "total": 0})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/fhir+json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+def test_only_what_was_not_prefetched_is_fetched_with_the_clients_token(client, keys):
+    server = RecordingFhir()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}/fhir"
+        body = hook(fhirServer=base, prefetch={"outcome": None},
+                    fhirAuthorization={"access_token": "ehr-token-1", "token_type": "Bearer", "expires_in": 300,
+                                       "scope": "patient/Observation.rs patient/Task.rs", "subject": "backpain"})
+        assert cards_of(client, keys, body) == []
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sorted(path.split("?")[0] for path, _ in server.seen) == ["/fhir/Observation", "/fhir/Task"]
+    assert {auth for _, auth in server.seen} == {"Bearer ehr-token-1"}
+    assert any("patient=p1" in path and "red-flags" in path for path, _ in server.seen)
 
 
 def test_an_unreachable_fhir_server_is_a_412(client, keys):
