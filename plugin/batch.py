@@ -2,46 +2,56 @@
 
 Lines are read in chunks; with several workers, at most a few chunks per
 worker are in flight, so memory does not grow with the input. A bad line
-becomes an OperationOutcome line and never stops the batch.
+becomes an OperationOutcome line and never stops the batch; its file and
+line number (never its content) are reported on standard error.
 """
 
 from __future__ import annotations
 
 import sys
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 
 import orjson
 
-from plugin.outcome import invalid
+from plugin.bulk import Line
+from plugin.outcome import InvalidInput, invalid
 from plugin.pipeline import Screener
 from plugin.settings import Settings
 
 CHUNK = 128  # lines per task: enough to amortise inter-process overhead, few enough to keep memory low
 IN_FLIGHT_PER_WORKER = 2
-READ_BLOCK = 1 << 16
+SHOWN = 50  # problems reported line by line; past that, only counted
+INVALID = "invalid"
+TOO_LONG = "This line is over the size limit."
 
 
-def read_lines(source: BinaryIO, limit: int) -> Iterator[bytes | None]:
-    """Yields each line without its newline, or None for a line over `limit` bytes (skipped, not held)."""
-    while True:
-        line = source.readline(limit + 1)
-        if not line:
-            return
-        if len(line) > limit and not line.endswith(b"\n"):
-            while (rest := source.readline(READ_BLOCK)) and not rest.endswith(b"\n"):
-                pass
-            yield None
-            continue
-        yield line.rstrip(b"\r\n")
+class Report:
+    """Counts by label, and the first few problems by file and line number (no patient data)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.counts: Counter = Counter()  # by screening outcome (or invalid)
+        self.writes: Counter = Counter()  # uploading: written, unchanged, failed, ...
+        self.problems = 0
+        self.stream = stream or sys.stderr
+
+    def count(self, label: str) -> None:
+        self.counts[label] += 1
+
+    def problem(self, line: Line, message: str) -> None:
+        self.problems += 1
+        if self.problems <= SHOWN:
+            print(f"backpain-screen: {line.where}:{line.number}: {message}", file=self.stream)
+        elif self.problems == SHOWN + 1:
+            print(f"backpain-screen: more problems follow; only the first {SHOWN} are shown.", file=self.stream)
 
 
-def chunks(lines: Iterator[bytes | None], size: int = CHUNK) -> Iterator[list[bytes | None]]:
-    chunk: list[bytes | None] = []
-    for line in lines:
-        chunk.append(line)
+def chunks(items: Iterable, size: int = CHUNK) -> Iterator[list]:
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
         if len(chunk) == size:
             yield chunk
             chunk = []
@@ -52,55 +62,67 @@ def chunks(lines: Iterator[bytes | None], size: int = CHUNK) -> Iterator[list[by
 _screener: Screener | None = None  # one per worker process, made once
 
 
-def _start_worker(settings: Settings) -> None:
+def start_worker(settings: Settings) -> None:
     global _screener
     _screener = Screener(settings)
 
 
-def score_chunk(lines: list[bytes | None]) -> tuple[list[bytes], Counter]:
+def screener() -> Screener:
     assert _screener is not None, "worker not started"
-    out: list[bytes] = []
-    counts: Counter = Counter()
-    too_long = orjson.dumps(invalid("too-costly", "This line is over the size limit.").to_fhir())
-    for line in lines:
-        result, label = (too_long, "invalid") if line is None else _screener.process_line(line)
-        out.append(result)
-        counts[label] += 1
-    return out, counts
+    return _screener
 
 
-def run_batch(
-    source: BinaryIO, sink: BinaryIO, settings: Settings, workers: int = 1, progress: bool = False
-) -> Counter:
-    """Scores every line of `source` into `sink`; returns the counts by outcome."""
-    totals: Counter = Counter()
-    bar = _progress_bar(progress)
-    batches = chunks(read_lines(source, settings.max_body_bytes))
+def score_chunk(texts: list[bytes | None]) -> list[tuple[bytes, str, str | None]]:
+    """Per line: the Bundle or OperationOutcome (serialized), its label, and for a bad line why (no content)."""
+    out = []
+    for text in texts:
+        try:
+            if text is None:
+                raise invalid("too-costly", TOO_LONG)
+            outcome = screener().process_body(text, "application/fhir+json")
+        except InvalidInput as error:
+            out.append((orjson.dumps(error.to_fhir()), INVALID, error.summary()))
+            continue
+        out.append((orjson.dumps(outcome.bundle), outcome.label, None))
+    return out
 
-    def emit(lines: list[bytes], counts: Counter) -> None:
-        sink.write(b"\n".join(lines) + b"\n")
-        totals.update(counts)
-        bar.update(len(lines))
 
+def run_batch(lines: Iterable[Line], sink: BinaryIO, settings: Settings, workers: int = 1,
+              progress: bool = False, report: Report | None = None) -> Counter:
+    """Scores every line into `sink`; returns the counts by outcome."""
+    report = report or Report()
+    bar = progress_bar(progress)
+
+    def emit(chunk: list[Line], scored: list[tuple[bytes, str, str | None]]) -> None:
+        sink.write(b"\n".join(result for result, _, _ in scored) + b"\n")
+        for line, (_, label, why) in zip(chunk, scored):
+            report.count(label)
+            if why:
+                report.problem(line, f"not scored: {why}")
+        bar.update(len(chunk))
+
+    batches = chunks(lines)
     if workers <= 1:
-        _start_worker(settings)
+        start_worker(settings)
         for chunk in batches:
-            emit(*score_chunk(chunk))
+            emit(chunk, score_chunk([line.text for line in chunk]))
     else:
-        with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(settings,)) as pool:
-            pending: deque[Future] = deque()
+        with ProcessPoolExecutor(workers, initializer=start_worker, initargs=(settings,)) as pool:
+            pending: deque[tuple[list[Line], Future]] = deque()
             for chunk in batches:
-                pending.append(pool.submit(score_chunk, chunk))
+                pending.append((chunk, pool.submit(score_chunk, [line.text for line in chunk])))
                 if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
-                    emit(*pending.popleft().result())
+                    done, future = pending.popleft()
+                    emit(done, future.result())
             while pending:
-                emit(*pending.popleft().result())
+                done, future = pending.popleft()
+                emit(done, future.result())
     bar.close()
     sink.flush()
-    return totals
+    return report.counts
 
 
-def _progress_bar(enabled: bool):  # returns a tqdm bar, imported lazily
+def progress_bar(enabled: bool):  # returns a tqdm bar, imported lazily
     from tqdm import tqdm
 
     return tqdm(unit=" QR", file=sys.stderr, disable=not enabled, mininterval=0.5)

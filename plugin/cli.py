@@ -7,6 +7,7 @@ import asyncio
 import os
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO
@@ -14,7 +15,8 @@ from typing import BinaryIO
 import orjson
 
 from plugin import __version__
-from plugin.batch import run_batch, summary
+from plugin.batch import Report, progress_bar, run_batch, summary
+from plugin.bulk import BadInput, Line, Partition, check_readable, expand, owned
 from plugin.fhir_client import FhirClient, FhirError
 from plugin.outcome import InvalidInput, invalid
 from plugin.parsing import parse_body
@@ -23,6 +25,7 @@ from plugin.settings import Settings, service_settings
 from plugin.store import Store, open_store
 from plugin.subscribe import Change, check_endpoint, check_secret, report, subscribe
 from plugin.sync import SyncBusy, default_state_file, sync
+from plugin.upload import FAILED, upload, upload_summary
 from plugin.writeback import Written, publish, submit
 
 EXIT_SERVER = 1  # the FHIR server refused or could not be reached
@@ -62,10 +65,18 @@ def _parser() -> argparse.ArgumentParser:
     _strategy(score)
     score.set_defaults(run=_score)
 
-    batch = commands.add_parser("batch", help="score NDJSON, one Bundle or OperationOutcome per line")
-    batch.add_argument("input", help="NDJSON of QuestionnaireResponses; - reads standard input")
-    batch.add_argument("-o", "--output", required=True, help="where to write NDJSON results; - for standard output")
-    batch.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    batch = commands.add_parser("batch", help="score NDJSON (FHIR Bulk Data): print the results, or --upload them")
+    batch.add_argument("input", nargs="+", help="NDJSON files of QuestionnaireResponses (gzip or not), a Bulk Data "
+                       "export manifest (.json), or - for standard input")
+    batch.add_argument("-o", "--output", help="where to write NDJSON results (default: standard output)")
+    batch.add_argument("--workers", type=int, default=1, help="worker processes for scoring (default 1)")
+    batch.add_argument("--partition", default="0/1", help="score only partition i of n (0 <= i < n), e.g. "
+                       "$(JOB_COMPLETION_INDEX)/4; responses are split by a hash of their identity")
+    batch.add_argument("--upload", action="store_true", help="write each response and its results as submit "
+                       "does, instead of printing them")
+    batch.add_argument("--concurrency", type=int, default=8, help="responses written at once with --upload "
+                       "(default 8)")
+    _server(batch)
     _strategy(batch)
     batch.set_defaults(run=_batch)
 
@@ -284,18 +295,56 @@ def _read(name: str, limit: int) -> tuple[bytes, str | None]:
 
 
 def _batch(args: argparse.Namespace, settings: Settings) -> int:
-    if args.workers < 1:
-        print("backpain-screen: --workers must be 1 or more.", file=sys.stderr)
+    try:
+        partition = _batch_options(args)
+        inputs, other_files = expand(args.input)
+        check_readable(inputs)
+    except (ValueError, BadInput) as error:
+        print(f"backpain-screen: {error}.", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if other_files:
+        print(f"backpain-screen: {other_files} files of other resource types in the manifest are not read.",
+              file=sys.stderr)
+    lines = owned(inputs, settings.max_body_bytes, partition)
+    if args.upload:
+        return _batch_upload(args, settings, lines)
     with ExitStack() as stack:
         try:
-            source = _open(stack, args.input, "rb", sys.stdin.buffer)
-            sink = _open(stack, args.output, "wb", sys.stdout.buffer)
+            sink = _open(stack, args.output or "-", "wb", sys.stdout.buffer)
         except OSError as error:
             print(f"backpain-screen: cannot open {error.filename}: {error.strerror}.", file=sys.stderr)
             return EXIT_BAD_INPUT
-        counts = run_batch(source, sink, settings, args.workers, progress=sys.stderr.isatty())
+        counts = run_batch(lines, sink, settings, args.workers, progress=sys.stderr.isatty())
     print(f"backpain-screen: {summary(counts)}", file=sys.stderr)
+    return 0
+
+
+def _batch_options(args: argparse.Namespace) -> Partition:
+    if args.workers < 1 or args.concurrency < 1:
+        raise ValueError("--workers and --concurrency must be 1 or more")
+    if args.upload and args.output:
+        raise ValueError("--upload writes to the store: -o/--output is not used with it")
+    if not args.upload and (args.fhir_base_url or args.store):
+        raise ValueError("--fhir-base-url and --store are for --upload")
+    return Partition.parse(args.partition)
+
+
+def _batch_upload(args: argparse.Namespace, settings: Settings, lines: Iterator[Line]) -> int:
+    report = Report()
+
+    async def run() -> None:
+        async with _client(args) as client:
+            await upload(lines, client, settings, workers=args.workers, concurrency=args.concurrency,
+                         report=report, progress=bar)
+
+    bar = progress_bar(sys.stderr.isatty())
+    asyncio.run(run())
+    bar.close()
+    print(f"backpain-screen: {upload_summary(report)}", file=sys.stderr)
+    if report.writes[FAILED]:
+        print(f"backpain-screen: {report.writes[FAILED]} responses were not written; run the same command again "
+              "(what is already written is left as it is).", file=sys.stderr)
+        return EXIT_SERVER
     return 0
 
 
