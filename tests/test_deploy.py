@@ -388,6 +388,16 @@ def plugin_commands() -> Iterator[tuple[str, list[str]]]:
                                               for word in command[1:]]
 
 
+def test_every_variable_an_argument_names_is_defined() -> None:
+    """Kubernetes leaves an undefined $(VAR) as it is: the command would get the literal text."""
+    config, secret = configmap_and_secret_keys()
+    for name, _, container in containers():
+        defined = config | secret | {entry["name"] for entry in container.get("env", [])}
+        for word in container.get("args", []):
+            for variable in re.findall(r"\$\((\w+)\)", word):
+                assert variable in defined, f"{name}/{container['name']}: $({variable}) is defined nowhere"
+
+
 def test_every_command_deploy_runs_is_accepted_by_the_cli() -> None:
     parser = _parser()
     commands = list(plugin_commands())
