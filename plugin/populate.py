@@ -66,7 +66,7 @@ class Known:
     patient: dict | None = None
     observations: list[dict] = field(default_factory=list)
     responses: list[dict] = field(default_factory=list)  # earlier QuestionnaireResponses of the subject
-    searched: bool = True  # False when the caller asked for no server data (`local` = false)
+    unsearched: str | None = None  # why the store was not asked (`local` = false, no Patient id), if it was not
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,8 +168,8 @@ def _note(item: dict, text: str, severity: str, code: str) -> Issue:
 
 
 def _nothing_found(code: str, known: Known) -> str:
-    if not known.searched:
-        return "not prefilled: no server data was asked for (local = false)."
+    if known.unsearched:
+        return f"not prefilled: {known.unsearched}."
     test = "HLA-B27" if code == "hla-b27" else "CRP or ESR (last 12 months)"
     return f"not prefilled: no usable {test} result and no earlier answer was found for this patient."
 

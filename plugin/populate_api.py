@@ -110,7 +110,10 @@ def _chosen(params: list[dict]) -> dict:
     published = data.definitions("Questionnaire")
     if name == "canonical":
         value = param.get("valueUri", param.get("valueCanonical"))
-        found = _by_canonical(value, published) if isinstance(value, str) else None
+        if not isinstance(value, str):
+            raise invalid("invalid", "Parameter 'canonical' must be a valueUri (or valueCanonical).",
+                          "Parameters.parameter.where(name='canonical')")
+        found = _by_canonical(value, published)
         label = f"{value!r}"
     elif name == "identifier":
         value = param.get("valueIdentifier")
@@ -119,7 +122,8 @@ def _chosen(params: list[dict]) -> dict:
             for i in q.get("identifier", []))), None)
         label = "with that identifier"
     elif name == "questionnaireRef":
-        reference = (param.get("valueReference") or {}).get("reference")
+        value = param.get("valueReference")
+        reference = value.get("reference") if isinstance(value, dict) else None
         match = QUESTIONNAIRE_REF.fullmatch(reference) if isinstance(reference, str) else None
         found = next((q for q in published if match and q.get("id") == match[1]), None)
         label = f"{reference!r}"
@@ -174,8 +178,9 @@ def _context_patient(params: list[dict], patient_id: str | None) -> dict | None:
         parts = {p.get("name"): p for p in param.get("part", []) if isinstance(p, dict)}
         name = (parts.get("name") or {}).get("valueString")
         if name != "patient":
-            raise invalid("not-supported", f"Context {name!r} is not a launch context of this Questionnaire "
-                          "(it declares 'patient').", f"Parameters.parameter[{i}]")
+            said = f"Context {name!r} is" if isinstance(name, str) else "A context without a name part is"
+            raise invalid("not-supported", f"{said} not a launch context of this Questionnaire (it declares "
+                          "'patient').", f"Parameters.parameter[{i}]")
         content = parts.get("content") or {}
         if isinstance(content.get("valueReference"), dict):  # a reference: the store is asked as without one
             reference = content["valueReference"].get("reference")
@@ -226,8 +231,11 @@ def _local(params: list[dict]) -> bool:
 
 
 async def _known(store: Store, patient_id: str | None, patient: dict | None, local: bool) -> Known:
-    if not local or patient_id is None:
-        return Known(patient, searched=False)
+    if not local:
+        return Known(patient, unsearched="no server data was asked for (local = false)")
+    patient_id = patient_id or (patient or {}).get("id")
+    if patient_id is None:  # a logical subject (identifier only) and no Patient with an id to go by
+        return Known(patient, unsearched="the subject names no Patient id to look up")
     reference = f"Patient/{patient_id}"
     codes = ",".join(f"{LOINC}|{code}" for code in sorted(LAB_CODES))
     urls = [f"Observation?{urlencode({'patient': reference, 'code': codes, '_sort': '-date', '_count': SEARCH_COUNT})}",

@@ -129,7 +129,8 @@ def test_age_prefilled_and_its_issues():
 
 
 def test_no_patient_no_age():
-    done = populate(questionnaire(SCREENING), {"reference": "Patient/p1"}, Known(None, searched=False), NOW)
+    unasked = Known(None, unsearched="no server data was asked for (local = false)")
+    done = populate(questionnaire(SCREENING), {"reference": "Patient/p1"}, unasked, NOW)
     assert "age" not in answers_of(done.response)
     assert any("no Patient" in i.diagnostics for i in done.issues)
     assert any("local = false" in i.diagnostics for i in done.issues)
@@ -406,11 +407,29 @@ def test_populate_answers_in_xml(client):
      "invalid"),
     ("/Questionnaire/back-pain-screening/$populate", parameters(patient={**PATIENT, "birthDate": "21.11.1985"}), 400,
      "structure"),
+    ("/Questionnaire/$populate", parameters({"name": "canonical", "valueUri": 5}), 400, "invalid"),
+    ("/Questionnaire/$populate", parameters({"name": "questionnaireRef", "valueReference": "x"}), 404, "not-found"),
+    ("/Questionnaire/$populate", parameters({"name": "questionnaire", "resource": "x"}), 400, "invalid"),
+    ("/Questionnaire/back-pain-screening/$populate", parameters({"name": "context", "part": "patient"}), 400,
+     "not-supported"),
+    ("/Questionnaire/back-pain-screening/$populate", parameters({"name": "local", "valueBoolean": "yes"}), 400,
+     "invalid"),
+    ("/Questionnaire/back-pain-screening/$populate", {"resourceType": "Parameters", "parameter": [1]}, 400,
+     "structure"),
 ])
 def test_bad_calls_get_an_operation_outcome(client, url, body, status, code):
     answer = client.post(url, content=orjson.dumps(body), headers=JSON)
     assert answer.status_code == status, answer.text
     assert answer.json()["resourceType"] == "OperationOutcome" and answer.json()["issue"][0]["code"] == code
+
+
+def test_a_logical_subject_with_a_patient_in_context(client):
+    body = parameters(subject=None, patient={k: v for k, v in PATIENT.items() if k != "id"})
+    body["parameter"].append({"name": "subject", "valueReference": {"identifier": {"system": "urn:mrn", "value": "7"}}})
+    qr, issues = unpack(client.post("/Questionnaire/back-pain-screening/$populate", content=orjson.dumps(body),
+                                    headers=JSON))
+    assert answers_of(qr) == {"age": today_age("1985-11-21")} and qr["subject"]["identifier"]["value"] == "7"
+    assert "names no Patient id" in about(issues, "hla-b27")[0]["diagnostics"]
 
 
 def test_populate_needs_the_token_when_one_is_set(tmp_path):
