@@ -423,6 +423,13 @@ def test_bad_calls_get_an_operation_outcome(client, url, body, status, code):
     assert answer.json()["resourceType"] == "OperationOutcome" and answer.json()["issue"][0]["code"] == code
 
 
+def test_a_form_without_prefillable_items_gets_its_empty_structure(client):
+    qr, issues = unpack(client.post("/Questionnaire/basdai/$populate", content=orjson.dumps(parameters(
+        patient=PATIENT)), headers=JSON))
+    assert qr["questionnaire"].startswith("https://backpain-screen.org/fhir/Questionnaire/basdai|")
+    assert answers_of(qr) == {} and issues == [] and qr["item"]
+
+
 def test_a_logical_subject_with_a_patient_in_context(client):
     body = parameters(subject=None, patient={k: v for k, v in PATIENT.items() if k != "id"})
     body["parameter"].append({"name": "subject", "valueReference": {"identifier": {"system": "urn:mrn", "value": "7"}}})
