@@ -320,7 +320,7 @@ def service_request(task: dict, kind: Kind, ctx: Context) -> dict:
 
 def accepted_task(task: dict, ctx: Context, order: dict | None) -> dict:
     """The Task as it is once accepted (an update carries the whole resource)."""
-    updated = {k: v for k, v in task.items() if k != "text"}  # the narrative said "requested"
+    updated = dict(task)  # its narrative names the task and why, not its status: it stays true
     updated["status"] = "accepted"
     updated["lastModified"] = ctx.now
     if _is(ctx.user, OWNER_TYPES):

@@ -375,7 +375,7 @@ def with_feedback(task: dict, item: dict, author: str, now: str) -> dict | None:
     note = {"authorString": author, "time": item["outcomeTimestamp"], "text": _note_text(item)}
     if any(n.get("time") == note["time"] and n.get("text") == note["text"] for n in task.get("note", [])):
         return None
-    updated = {k: v for k, v in task.items() if k != "text"}  # the narrative would say the old status
+    updated = dict(task)
     updated["note"] = [*task.get("note", []), note]
     updated["lastModified"] = now
     if task.get("status") in cds_cards.AWAITING:

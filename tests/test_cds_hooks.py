@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from fhir.resources.R4B.servicerequest import ServiceRequest
 from fhir.resources.R4B.task import Task
 from starlette.testclient import TestClient
 
-from plugin import cds_cards, systems
+from plugin import cds_auth, cds_cards, systems
 from plugin.app import create_app
 from plugin.cds_hooks import PREFETCH, QUERIES
 from plugin.settings import ServiceSettings
@@ -169,7 +170,7 @@ def _forged(keys: Keys, jwks: JwksServer) -> dict[str, str]:
         "missing jti": token(keys, AUD, drop=("jti",)),
         "missing exp": token(keys, AUD, drop=("exp",)),
         "missing iat": token(keys, AUD, drop=("iat",)),
-        "valid for days": token(keys, AUD, exp=int(__import__("time").time()) + 5 * 86400),
+        "valid for days": token(keys, AUD, exp=int(time.time()) + 5 * 86400),
         "unknown kid": token(keys, AUD, kid="nobody"),
         "tampered claims": f"{head}.{tampered_body}.{signature}",
         "tampered signature": f"{head}.{body}.{signature[:-4]}AAAA",
@@ -202,6 +203,37 @@ def test_the_jwk_set_is_fetched_once_and_kept(make_client, keys, jwks):
         for alg in ("ES384", "RS384", "ES384"):
             assert call(fresh, keys, hook(), alg=alg).status_code == 200
     assert jwks.hits["/jwks.json"] == before + 1
+
+
+def test_a_rotated_key_is_fetched_and_a_jwks_outage_keeps_the_cached_set(keys):
+    """Key rotation without a restart; an unknown kid refetches at most every REFETCH_AFTER seconds."""
+    new_key = Keys()
+    rotated = {"keys": [{**k, "kid": "ec-2"} for k in new_key.jwks()["keys"] if k["kty"] == "EC"]}
+    server = JwksServer({"/jwks.json": keys.jwks()})
+    now = [time.time()]
+    verifier = cds_auth.Verifier(cds_auth.Issuers.parse([f"{ISSUER}|{server.url}/jwks.json"]), clock=lambda: now[0])
+
+    async def verify(bearer: str) -> str:
+        try:
+            await verifier.verify(f"Bearer {bearer}", AUD)
+            return "ok"
+        except cds_auth.Refused as refused:
+            return refused.reason
+
+    async def run() -> None:
+        with server.running():
+            assert await verify(token(keys, AUD)) == "ok"
+            server.sets["/jwks.json"] = {"keys": keys.jwks()["keys"] + rotated["keys"]}
+            assert await verify(token(new_key, AUD, kid="ec-2")) == "unknown-key"  # fetched just now: not again
+            assert server.hits["/jwks.json"] == 1
+            now[0] += cds_auth.REFETCH_AFTER + 1
+            assert await verify(token(new_key, AUD, kid="ec-2")) == "ok"
+            assert server.hits["/jwks.json"] == 2
+        now[0] += cds_auth.JWKS_TTL + 1  # the set is stale and its server is gone: the cached keys still serve
+        assert await verify(token(keys, AUD)) == "ok"
+        assert await verify(token(keys, AUD, kid="gone")) == "unknown-key"
+
+    asyncio.run(run())
 
 
 def test_with_no_issuer_configured_every_call_is_refused(make_client, keys):
