@@ -5,7 +5,7 @@
 
 Each request takes the next step of the script (cyclically):
   pass    forward it and return the server's answer
-  500     answer 500 with an OperationOutcome; the server never sees it
+  500     answer 500 with an OperationOutcome; the server never sees it (502, 503, 504 alike)
   429     answer 429 with Retry-After (--retry-after seconds, default 1); the server never sees it
   lose    forward it (the server acts on it), then answer 502: the caller's answer is lost
   reset   reset the connection (TCP RST) without answering; the server never sees it
@@ -65,8 +65,8 @@ class Proxy(BaseHTTPRequestHandler):
                 Proxy.after_429.append(round(time.monotonic() - Proxy.last_429, 3))
                 Proxy.last_429 = None
         time.sleep(random.uniform(*self.latency))
-        if step == "500":
-            return self.reply(500, OUTCOME, {"Content-Type": "application/fhir+json"})
+        if step in ("500", "502", "503", "504"):
+            return self.reply(int(step), OUTCOME, {"Content-Type": "application/fhir+json"})
         if step == "429":
             self.reply(429, OUTCOME, {"Content-Type": "application/fhir+json", "Retry-After": self.retry_after})
             Proxy.last_429 = time.monotonic()
