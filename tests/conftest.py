@@ -15,6 +15,7 @@ import httpx
 import orjson
 import pytest
 
+from tests.fault_report import fault_report, pytest_terminal_summary  # noqa: F401 (a fixture and a hook)
 from tests.fhir_helpers import local_fhir_server
 
 
