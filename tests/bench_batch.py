@@ -1,21 +1,25 @@
-"""Benchmark: `backpain-screen batch` over many responses, memory and throughput.
+"""Benchmark: `backpain-screen batch` over many responses, memory and throughput, for 1 and 2 workers.
 
-    python -m tests.bench_batch [--n 1000000] [--workers 1]
+    python -m tests.bench_batch [--n 1000000] [--workers 1,2] [--partition 0/1]
 
 Responses are generated on the fly and piped into `batch - -o /dev/null`, so
 neither the input nor the output ever sits on disk or in this process. The
 peak RSS (VmHWM, since exec) of the batch process and of each of its worker
-processes is polled from /proc until it exits.
+processes is polled from /proc until it exits. Each worker count is run in
+turn over the same responses; the throughput ratio of the last to the first
+and the load average around each run (the machine is shared) are printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -52,15 +56,28 @@ def children(pid: int) -> list[int]:
         return []
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=1_000_000)
-    parser.add_argument("--workers", type=int, default=1)
-    args = parser.parse_args()
-    cmd = [sys.executable, "-m", "plugin.cli", "batch", "-", "-o", os.devnull, "--workers", str(args.workers)]
+@dataclass(frozen=True)
+class Run:
+    workers: int
+    seconds: float
+    main_mb: float
+    worker_mb: list[float]
+    summary: str
+    load: tuple[float, float]  # 1-minute load average before and after
+    cpu_seconds: float  # user + system of the batch process and its workers: what noise from others cannot inflate
+
+    def rate(self, n: int) -> float:
+        return n / self.seconds
+
+
+def run_once(n: int, workers: int, partition: str) -> Run:
+    cmd = [sys.executable, "-m", "plugin.cli", "batch", "-", "-o", os.devnull, "--workers", str(workers),
+           "--partition", partition]
+    load_before = os.getloadavg()[0]
+    cpu_before = _children_cpu()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
-    writer = threading.Thread(target=feed, args=(proc.stdin, args.n), daemon=True)
+    writer = threading.Thread(target=feed, args=(proc.stdin, n), daemon=True)
     writer.start()
     peaks: dict[int, int] = {}
     while proc.poll() is None:
@@ -68,14 +85,38 @@ def main() -> None:
             peaks[pid] = max(peaks.get(pid, 0), peak_rss_kb(pid))
         time.sleep(0.2)
     elapsed = time.perf_counter() - start
-    summary = proc.stderr.read().decode().strip().splitlines()[-1]
+    summary = proc.stderr.read().decode().strip().splitlines()[-1] if proc.stderr else ""
+    if proc.returncode:
+        raise SystemExit(f"batch exited with {proc.returncode}: {summary}")
     main_mb = peaks.pop(proc.pid, 0) / 1024
-    worker_mb = [v / 1024 for v in peaks.values()]
-    print(f"responses: {args.n:,}  workers: {args.workers}  exit: {proc.returncode}")
-    print(f"elapsed: {elapsed:.1f} s  throughput: {args.n / elapsed:,.0f} QR/s (including start-up)")
-    print(f"peak RSS: batch process {main_mb:.0f} MB; workers {', '.join(f'{m:.0f}' for m in worker_mb) or '-'} MB; "
-          f"all together {main_mb + sum(worker_mb):.0f} MB")
-    print(summary)
+    return Run(workers, elapsed, main_mb, [v / 1024 for v in peaks.values()], summary,
+               (load_before, os.getloadavg()[0]), _children_cpu() - cpu_before)
+
+
+def _children_cpu() -> float:
+    """CPU seconds of the waited-for children (the pool's workers are joined by batch, so they count too)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--workers", default="1,2", help="worker counts to run in turn (default 1,2)")
+    parser.add_argument("--partition", default="0/1", help="passed to batch (a partition reads every line)")
+    args = parser.parse_args()
+    runs = [run_once(args.n, int(w), args.partition) for w in args.workers.split(",")]
+    print(f"responses: {args.n:,}  partition: {args.partition}  cores: {os.cpu_count()}")
+    for r in runs:
+        total_mb = r.main_mb + sum(r.worker_mb)
+        print(f"workers {r.workers}: {r.seconds:.1f} s, {r.rate(args.n):,.0f} QR/s (including start-up); "
+              f"peak RSS batch {r.main_mb:.0f} MB, workers {', '.join(f'{m:.0f}' for m in r.worker_mb) or '-'} MB, "
+              f"all together {total_mb:.0f} MB; CPU {r.cpu_seconds / args.n * 1e6:.0f} µs per QR; "
+              f"load average {r.load[0]:.1f} -> {r.load[1]:.1f}")
+        print(f"  {r.summary}")
+    if len(runs) > 1:
+        print(f"throughput ratio, {runs[-1].workers} workers to {runs[0].workers}: "
+              f"{runs[-1].rate(args.n) / runs[0].rate(args.n):.2f}")
 
 
 if __name__ == "__main__":
