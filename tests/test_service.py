@@ -1109,11 +1109,12 @@ def test_service_settings_from_environment_and_flags(tmp_path):
     assert defaults.smart_client_id is None and "system/Observation.crus" in defaults.smart_scopes
 
 
-def test_every_service_setting_is_in_the_readme_settings_table():
-    readme = (ROOT / "README.md").read_text()
-    table = "\n".join(line for line in readme.splitlines() if line.lstrip().startswith("|"))
+@pytest.mark.parametrize("document", ["README.md", "deploy/operations.md"])
+def test_every_service_setting_is_in_the_settings_tables(document):
+    text = (ROOT / document).read_text()
+    table = "\n".join(line for line in text.splitlines() if line.lstrip().startswith("|"))
     missing = [variable for variable, _ in SERVICE_SETTINGS.values() if not re.search(rf"\b{variable}\b", table)]
-    assert not missing, f"README.md's settings table lacks {missing}"
+    assert not missing, f"{document}'s settings table lacks {missing}"
 
 
 def test_answers_carrying_patient_data_are_not_cached_and_html_refusals_keep_their_headers(settings):
