@@ -42,7 +42,7 @@ class ServiceSettings:
     workers: int = 1
     strategy: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
-    ingest_token: str | None = field(default=None, repr=False)  # bearer token for POST/PUT of responses
+    ingest_token: str | None = field(default=None, repr=False)  # bearer token for ingest, $populate and results
     notify_secret: str | None = field(default=None, repr=False)  # X-Notification-Secret of Subscriptions
     form_secret: str | None = field(default=None, repr=False)  # signs portal links that name a patient
     cors_origins: tuple[str, ...] = ()
@@ -71,8 +71,8 @@ SERVICE_SETTINGS: dict[str, tuple[str, str]] = {
     "workers": ("BACKPAIN_WORKERS", "uvicorn worker processes (default 1)"),
     "strategy": ("BACKPAIN_STRATEGY", "referral strategy: asas-2015 (default) or nice-ng65"),
     "max_body_bytes": ("BACKPAIN_MAX_BODY_BYTES", "largest request body accepted (default 1048576; larger: 413)"),
-    "ingest_token": ("BACKPAIN_INGEST_TOKEN", "if set, POST /QuestionnaireResponse and the results need "
-                     "`Authorization: Bearer` with it"),
+    "ingest_token": ("BACKPAIN_INGEST_TOKEN", "if set, POST /QuestionnaireResponse, `$populate` and the "
+                     "results need `Authorization: Bearer` with it"),
     "notify_secret": ("BACKPAIN_NOTIFY_SECRET", "shared secret Subscriptions send in `X-Notification-Secret`; "
                       "unset: notifications are refused"),
     "form_secret": ("BACKPAIN_FORM_SECRET", "if set, a form link naming a patient must carry "
