@@ -38,18 +38,19 @@ def kill_group(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
 
 
 class FhirServer:
-    """The test FHIR server on a fixed port with its data in `data_file`: kill -9 it, start it again."""
+    """The test FHIR server on a fixed port with its data in `data_file`: kill -9 it, start it again.
+    With `persist=False` it keeps its data in memory only, as by default."""
 
-    def __init__(self, data_file: Path, **env: str) -> None:
+    def __init__(self, data_file: Path, *, persist: bool = True, **env: str) -> None:
         _install_server()
-        self.data_file, self.env = data_file, env
+        self.data_file, self.env = data_file, {"DATA_FILE": str(data_file), **env} if persist else env
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
         self.log = data_file.with_suffix(".log")
 
     def start(self) -> None:
-        env = {**os.environ, "PORT": str(self.port), "DATA_FILE": str(self.data_file), **self.env}
+        env = {**os.environ, "PORT": str(self.port), **self.env}
         with self.log.open("ab") as sink:
             self.process = subprocess.Popen([str(NODE), "server.mjs"], cwd=SERVER_DIR, env=env, stdout=sink,
                                             stderr=subprocess.STDOUT, start_new_session=True)
