@@ -37,6 +37,7 @@ SID_SERVICE_REQUEST = f"{systems.BASE}/sid/service-request"
 OVERRIDE_REASONS_SYSTEM = f"{systems.BASE}/CodeSystem/cds-override-reasons"
 AWAITING = frozenset({"requested", "received"})  # no decision taken on the Task yet
 OPEN = ("requested", "received", "accepted", "ready", "in-progress", "on-hold")
+FINDINGS = ("red-flags", "referral-")  # the results whose criteria the cards name
 BENIGN = frozenset({"no-referral-indicated", "not-applicable"})
 REFERRAL = (systems.SNOMED, "306290009")
 REVIEW = (systems.RESULTS, "clinical-review")
@@ -110,7 +111,8 @@ def cards(outcome: dict | None, tasks: list[dict], findings: dict[str, dict], ct
     """
     latest = outcome_code(outcome) if outcome else None
     outcome_ref = f"Observation/{outcome['id']}" if outcome and outcome.get("id") else None
-    members = [findings[m] for m in member_refs(outcome) if m in findings] if outcome else []
+    members = [findings[m] for m in member_refs(outcome) if m in findings
+               and (result_code(findings[m]) or "").startswith(FINDINGS)] if outcome else []
     found = [task_card(t, kind, latest, outcome, outcome_ref, members, ctx)
              for t in tasks if (kind := task_kind(t)) and plugin_task(t, ctx.patient) and t.get("status") in AWAITING]
     found.sort(key=lambda c: ("critical", "warning", "info").index(c["indicator"]))

@@ -228,14 +228,21 @@ async def _read(source: Store | FhirClient | None, patient_id: str,
     outcome = latest([o for o in matches(prefetched["outcome"]) if _about(o, "subject", patient, "Observation")])
     findings = {f"Observation/{o['id']}": o for o in matches(prefetched["findings"])
                 if _about(o, "subject", patient, "Observation") and o.get("id")}
-    wanted = [ref.split("/", 1)[1] for ref in cds_cards.member_refs(outcome or {})
-              if ref.startswith("Observation/") and ref not in findings]
-    if wanted and source is not None:
-        page = await source.search_page("Observation", {"_id": ",".join(wanted), "_count": str(len(wanted))})
+    refs = cds_cards.member_refs(outcome or {})
+    if source is not None and refs and not _complete([findings[r] for r in refs if r in findings]):
+        # the findings page missed this outcome's (e.g. more results at the same time): read its members
+        ids = [ref.split("/", 1)[1] for ref in refs if ref.startswith("Observation/")]
+        page = await source.search_page("Observation", {"_id": ",".join(ids), "_count": str(len(ids))})
         findings.update({f"Observation/{o['id']}": o for o in matches(page)
                          if _about(o, "subject", patient, "Observation") and o.get("id")})
     tasks = [t for t in matches(prefetched["tasks"]) if _about(t, "for", patient, "Task")]
     return outcome, findings, tasks
+
+
+def _complete(members: list[dict]) -> bool:
+    """The outcome's red-flags result and its referral strategy's result are both at hand."""
+    codes = [cds_cards.result_code(m) or "" for m in members]
+    return "red-flags" in codes and any(c.startswith("referral-") for c in codes)
 
 
 async def _search(source: Store | FhirClient, key: str, patient_id: str) -> dict:

@@ -395,13 +395,20 @@ def prefetched(store_path: Path, patient_id: str) -> dict:
     return asyncio.run(run())
 
 
-def test_prefetch_gives_the_same_cards_as_the_store(client, keys, tmp_path):
-    ingest(client, example("qr-emergency.json", "Patient/p1"))
-    from_store = cards_of(client, keys, hook())
-    prefetch = prefetched(tmp_path / "store.sqlite3", "p1")
-    assert prefetch["outcome"] and prefetch["tasks"] and prefetch["findings"]
-    from_prefetch = cards_of(client, keys, hook(prefetch=prefetch))
-    assert timeless(from_prefetch) == timeless(from_store) and from_prefetch[0]["indicator"] == "critical"
+@pytest.mark.parametrize("name, strategy, indicators", [
+    *((name, strategy, [i for i, _, _ in expected]) for name, strategy, expected in CASES),
+    ("qr-indeterminate.json", None, ["info"]), ("qr-no-referral.json", None, []),
+    ("qr-not-applicable.json", "nice-ng65", [])])
+def test_prefetch_gives_the_same_cards_as_the_store(make_client, keys, tmp_path, name, strategy, indicators):
+    with make_client(strategy=strategy) as client:
+        ingest(client, example(name, "Patient/p1"))
+        from_store = cards_of(client, keys, hook())
+        prefetch = prefetched(tmp_path / "store.sqlite3", "p1")
+        assert prefetch["outcome"] and prefetch["findings"] and bool(prefetch["tasks"]) == (name in dict(
+            (n, e) for n, _, e in CASES))
+        from_prefetch = cards_of(client, keys, hook(prefetch=prefetch))
+        assert timeless(from_prefetch) == timeless(from_store)
+        assert [c["indicator"] for c in from_prefetch] == indicators
 
 
 def timeless(cards: list[dict]) -> list[dict]:
@@ -506,6 +513,22 @@ def test_only_what_was_not_prefetched_is_fetched_with_the_clients_token(client, 
     assert sorted(path.split("?")[0] for path, _ in server.seen) == ["/fhir/Observation", "/fhir/Task"]
     assert {auth for _, auth in server.seen} == {"Bearer ehr-token-1"}
     assert any("patient=p1" in path and "red-flags" in path for path, _ in server.seen)
+
+
+def test_members_the_findings_lacked_are_read_from_the_fhir_server(
+        client, keys, fhir: httpx.Client, fhir_base_url: str, patient: str, make_client):
+    with make_client(fhir_base_url=fhir_base_url) as writer:
+        ingest(writer, example("qr-refer-asas.json", patient))
+    patient_id = patient.split("/")[1]
+    prefetch = {key: fhir.get("/" + PREFETCH[key].replace("{{context.patientId}}", patient_id)).json()
+                for key in ("outcome", "tasks")}
+    assert prefetch["outcome"]["entry"] and prefetch["tasks"]["entry"]
+    without = cards_of(client, keys, hook(patient_id, prefetch={**prefetch, "findings": None}))
+    with_server = cards_of(client, keys, hook(patient_id, prefetch={**prefetch, "findings": None},
+                                              fhirServer=fhir_base_url))
+    assert "Criteria met: " in without[0]["detail"] and "Criteria met (" not in without[0]["detail"]  # the Task's
+    detail = with_server[0]["detail"]
+    assert "Criteria met (ASAS-endorsed" in detail and "- HLA-B27 positive" in detail
 
 
 def test_an_unreachable_fhir_server_is_a_412(client, keys):
