@@ -197,7 +197,8 @@ def task_card(task: dict, kind: Kind, latest: str | None, outcome: dict | None, 
         "uuid": ident,
         "summary": shorten(summary),
         "indicator": indicator,
-        "detail": task_detail(task, kind, reason, None if from_latest else outcome),
+        "detail": task_detail(task, kind, reason, None if from_latest else outcome,
+                              _effective(outcome) if from_latest and outcome else task.get("authoredOn")),
         "source": source(ctx),
         "suggestions": [{"label": kind.accept_label, "uuid": uuid5(f"{ident}|accept"), "isRecommended": True,
                          "actions": accept_actions(task, kind, ctx)}],
@@ -236,10 +237,11 @@ def indeterminate_card(outcome: dict, members: list[dict], ctx: Context) -> dict
 FOOTER = "_Suggested by backpain-screen from the patient's own answers; the clinician decides._"
 
 
-def task_detail(task: dict, kind: Kind, reason: dict | None, latest: dict | None) -> str:
+def task_detail(task: dict, kind: Kind, reason: dict | None, latest: dict | None, when: str | None) -> str:
+    """Markdown: the Task, the criteria met (and red flags not answered), the rule's source, what came later."""
     code = task.get("code", {}).get("text") or kind.name
     lines = [f"**{_md(code)}** (priority {_md(task.get('priority', 'routine'))}), "
-             f"from back-pain screening{_on(task.get('authoredOn'))}.", ""]
+             f"from back-pain screening{_on(when)}.", ""]
     if reason is not None:
         met, unknown = criteria(reason)
         description = (task.get("description") or "").split(" Criteria met:")[0]

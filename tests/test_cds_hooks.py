@@ -317,6 +317,7 @@ def test_the_details_name_the_criteria_met(make_client, keys):
         ingest(client, example("qr-refer-asas.json", "Patient/p2"))
         (review,) = cards_of(client, keys, hook("p1"))
         assert "- Saddle numbness or tingling" in review["detail"] and "NICE" in review["detail"]
+        assert "screening of 2026-11-20" in review["detail"]  # when the patient answered, not when it was scored
         assert [a["type"] for a in review["suggestions"][0]["actions"]] == ["update"]  # a review orders nothing
         (referral,) = cards_of(client, keys, hook("p2"))
         assert "- HLA-B27 positive\n- Peripheral arthritis, enthesitis or dactylitis" in referral["detail"]
