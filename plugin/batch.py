@@ -8,7 +8,10 @@ line number (never its content) are reported on standard error.
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
+import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -23,6 +26,7 @@ from plugin.settings import Settings
 
 CHUNK = 128  # lines per task: enough to amortise inter-process overhead, few enough to keep memory low
 IN_FLIGHT_PER_WORKER = 2
+ORPHAN_CHECK = 1.0  # seconds between a worker's looks at whether its batch process is still there
 SHOWN = 50  # problems reported line by line; past that, only counted
 INVALID = "invalid"
 TOO_LONG = "This line is over the size limit."
@@ -67,6 +71,19 @@ def start_worker(settings: Settings) -> None:
     _screener = Screener(settings)
 
 
+def start_pool_worker(settings: Settings) -> None:
+    """A pool worker: also ends itself when the batch process is gone (killed, even by SIGKILL)."""
+    start_worker(settings)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_CHECK)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
 def screener() -> Screener:
     assert _screener is not None, "worker not started"
     return _screener
@@ -107,7 +124,7 @@ def run_batch(lines: Iterable[Line], sink: BinaryIO, settings: Settings, workers
         for chunk in batches:
             emit(chunk, score_chunk([line.text for line in chunk]))
     else:
-        with ProcessPoolExecutor(workers, initializer=start_worker, initargs=(settings,)) as pool:
+        with ProcessPoolExecutor(workers, initializer=start_pool_worker, initargs=(settings,)) as pool:
             pending: deque[tuple[list[Line], Future]] = deque()
             for chunk in batches:
                 pending.append((chunk, pool.submit(score_chunk, [line.text for line in chunk])))

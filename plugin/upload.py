@@ -22,7 +22,16 @@ from dataclasses import dataclass
 import orjson
 
 from plugin import systems
-from plugin.batch import IN_FLIGHT_PER_WORKER, INVALID, TOO_LONG, Report, chunks, screener, start_worker
+from plugin.batch import (
+    IN_FLIGHT_PER_WORKER,
+    INVALID,
+    TOO_LONG,
+    Report,
+    chunks,
+    screener,
+    start_pool_worker,
+    start_worker,
+)
 from plugin.building import response_key
 from plugin.bulk import RESPONSE_TYPE, Line
 from plugin.fhir_client import FhirError
@@ -122,7 +131,7 @@ async def _scored(lines: Iterable[Line], settings: Settings, workers: int):
             await asyncio.sleep(0)  # let the writers run between chunks
         return
     loop = asyncio.get_running_loop()
-    with ProcessPoolExecutor(workers, initializer=start_worker, initargs=(settings,)) as pool:
+    with ProcessPoolExecutor(workers, initializer=start_pool_worker, initargs=(settings,)) as pool:
         pending: deque[tuple[list[Line], asyncio.Future]] = deque()
         for chunk in chunks(lines, CHUNK):
             pending.append((chunk, _submit(loop, pool, chunk)))

@@ -8,6 +8,7 @@ threshold, loaded in this process (the CLI reads the shipped rules).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import io
 import os
@@ -337,9 +338,16 @@ def test_sigkill_mid_upload_then_rerun_leaves_one_result_set_each(tmp_path: Path
     while total(fhir, "Provenance") - baseline < 30 and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert killed.poll() is None, "the upload finished before it could be killed"
-    os.killpg(killed.pid, signal.SIGKILL)  # the whole container, as Kubernetes does: the process and its workers
-    killed.wait()
-    time.sleep(0.5)  # requests the server took before the kill finish
+    workers = [int(pid) for pid in Path(f"/proc/{killed.pid}/task/{killed.pid}/children").read_text().split()]
+    try:
+        os.kill(killed.pid, signal.SIGKILL)  # the batch process alone: its scoring workers must notice and end
+        killed.wait()
+        time.sleep(0.5)  # requests the server took before the kill finish
+        assert len(workers) == 2
+        assert _all_gone(workers, within=10), "scoring workers outlived their batch process"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(killed.pid, signal.SIGKILL)  # whatever is left of the process group this test started
     before = total(fhir, "Provenance") - baseline
     assert 30 <= before < len(qrs)
 
@@ -358,6 +366,15 @@ def test_sigkill_mid_upload_then_rerun_leaves_one_result_set_each(tmp_path: Path
           f"{provenances} Provenances")
     assert set(task_ids.values()) <= {1}
     assert provenances == len(qrs)  # one per response: the killed run's and the rerun's together
+
+
+def _all_gone(pids: list[int], within: float) -> bool:
+    deadline = time.monotonic() + within
+    while any(Path(f"/proc/{pid}").exists() for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 async def _search(base_url: str, resource_type: str, params: dict[str, str]) -> list[dict]:
