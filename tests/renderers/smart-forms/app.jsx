@@ -1,0 +1,43 @@
+// CSIRO's Smart Forms renderer in the portal page: a minimal React app with the library's own pieces
+// (buildForm, BaseRenderer in its theme and query client, getResponse), as its documentation shows.
+import React, {useEffect, useState} from "react";
+import {createRoot} from "react-dom/client";
+import {QueryClientProvider} from "@tanstack/react-query";
+import {
+  BaseRenderer, RendererThemeProvider, buildForm, getResponse, removeEmptyAnswersFromResponse,
+  useRendererQueryClient,
+} from "@aehrc/smart-forms-renderer";
+import {portal} from "../portal.js";
+
+function Form({questionnaire, terminologyServerUrl, onShown}) {
+  const queryClient = useRendererQueryClient();
+  const [built, setBuilt] = useState(false);
+  useEffect(() => {
+    // The plugin as terminology server: the answers are all answerOption, so nothing should be asked of it,
+    // and without one the renderer would fall back to a public server on another host.
+    buildForm({questionnaire, terminologyServerUrl}).then(() => setBuilt(true));
+  }, [questionnaire, terminologyServerUrl]);
+  useEffect(() => { if (built) onShown(); }, [built, onShown]);
+  if (!built) return <p>Loading the form…</p>;
+  return (
+    <RendererThemeProvider>
+      <QueryClientProvider client={queryClient}>
+        <BaseRenderer/>
+      </QueryClientProvider>
+    </RendererThemeProvider>
+  );
+}
+
+portal({
+  name: "Smart Forms",
+  show: (questionnaire, element, plugin) => new Promise((shown) => {
+    createRoot(element).render(<Form questionnaire={questionnaire} terminologyServerUrl={plugin} onShown={shown}/>);
+  }),
+  // What the renderer holds, less the empty answers and the answers enableWhen hides, marked final: what the Smart
+  // Forms app itself sends on "Save as final" (the renderer's own response stays in-progress).
+  response: (questionnaire) => ({
+    ...removeEmptyAnswersFromResponse(questionnaire, getResponse()),
+    status: "completed",
+    authored: new Date().toISOString(),
+  }),
+});
