@@ -24,6 +24,7 @@ feedback endpoint finds the Task from the card alone.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +101,7 @@ class Context:
     base_url: str  # the plugin's public base URL, no trailing slash
     smart_launch: bool  # the EHR knows the plugin as a SMART app: link through /launch
     now: str  # FHIR instant, for authoredOn / lastModified
+    results_access: Callable[[str], str] | None = None  # response id -> `access` of a plain results link
 
 
 def cards(outcome: dict | None, tasks: list[dict], findings: dict[str, dict], ctx: Context) -> list[dict]:
@@ -278,7 +280,10 @@ def results_link(response_ref: str | None, ctx: Context) -> dict | None:
         context = orjson.dumps({"questionnaireResponse": f"QuestionnaireResponse/{response_id}"}).decode()
         return {"label": "Open the screening results", "url": f"{ctx.base_url}/launch", "type": "smart",
                 "appContext": context}
-    return {"label": "Open the screening results", "url": f"{ctx.base_url}/results/{response_id}", "type": "absolute"}
+    url = f"{ctx.base_url}/results/{response_id}"
+    if ctx.results_access:
+        url += f"?access={ctx.results_access(response_id)}"
+    return {"label": "Open the screening results", "url": url, "type": "absolute"}
 
 
 # -- the suggestion's actions -----------------------------------------------------------------

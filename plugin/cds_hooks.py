@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from plugin import cds_auth, cds_cards, formats, systems
+from plugin import cds_auth, cds_cards, formats, smart_launch, systems
 from plugin.building import instant
 from plugin.cds_cards import SERVICE_ID
 from plugin.fhir_client import FhirClient, FhirError, RetryPolicy, bearer, matches
@@ -33,6 +34,7 @@ from plugin.observability import LOG, event
 from plugin.outcome import InvalidInput, Issue, invalid
 from plugin.parsing import parse_json
 from plugin.service import service
+from plugin.settings import ServiceSettings
 from plugin.sqlite_search import date_range
 from plugin.store import Store
 
@@ -98,11 +100,18 @@ async def call(request: Request) -> Response:
         patient=patient, user=hook["context"].get("userId"),
         encounter=f"Encounter/{hook['context']['encounterId']}" if hook["context"].get("encounterId") else None,
         base_url=base_url(request), smart_launch=bool(svc.settings.smart_launch_client_id),
-        now=instant(datetime.now(UTC)))
+        now=instant(datetime.now(UTC)), results_access=_link_access(svc.settings))
     found = cds_cards.cards(outcome, tasks, findings, context)
     event("cds hook answered", event="cds-hook", outcome=cds_cards.outcome_code(outcome) if outcome else None,
           written=len(found))
     return JSONResponse({"cards": found})
+
+
+def _link_access(settings: ServiceSettings) -> Callable[[str], str] | None:
+    """Plain results links need a signed `access` only when the results view needs a token."""
+    if not settings.ingest_token:
+        return None
+    return lambda qr_id: smart_launch.results_access(settings, qr_id)
 
 
 async def authenticate(request: Request, path: str) -> dict:

@@ -42,6 +42,7 @@ from plugin.settings import ServiceSettings
 SCOPES = "launch openid fhirUser patient/Observation.rs patient/Task.rs patient/QuestionnaireResponse.rs"
 LAUNCH_COOKIE, SESSION_COOKIE = "backpain_launch", "backpain_session"
 LAUNCH_SECONDS, SESSION_SECONDS = 600, 900
+LINK_SECONDS = 3600  # a CDS card's plain results link: the EHR fetches cards anew each time the chart opens
 TIMEOUT = 10.0
 _PROCESS_KEY = secrets.token_bytes(32)  # without BACKPAIN_SESSION_SECRET: valid in this process only
 
@@ -126,9 +127,21 @@ async def callback(request: Request) -> Response:
 
 
 def session_allows(request: Request, qr_id: str) -> bool:
-    """Whether the request carries a launch session for this response (pages.results asks)."""
-    claims = _read(service(request).settings, request.cookies.get(SESSION_COOKIE), "session")
-    return bool(claims) and claims.get("questionnaireResponse") == qr_id  # type: ignore[union-attr]
+    """Whether the request carries a launch session, or a signed results link, for this response."""
+    settings = service(request).settings
+    for claims in (_read(settings, request.cookies.get(SESSION_COOKIE), "session"),
+                   _read(settings, request.query_params.get("access"), "results-link")):
+        if claims and claims.get("questionnaireResponse") == qr_id:
+            return True
+    return False
+
+
+def results_access(settings: ServiceSettings, qr_id: str) -> str:
+    """The `access` of a plain results link (CDS cards without SMART): a browser cannot send the bearer token.
+
+    It opens that one response for an hour; pages send no Referer, so it does not leak from them.
+    """
+    return _sign(settings, {"questionnaireResponse": qr_id}, LINK_SECONDS, "results-link")
 
 
 async def _endpoints(iss: str) -> dict[str, str]:

@@ -379,6 +379,25 @@ def test_the_smart_link_when_the_ehr_has_the_plugin_as_a_smart_app(make_client, 
         assert orjson.loads(link["appContext"]) == {"questionnaireResponse": f"QuestionnaireResponse/{qr['id']}"}
 
 
+def test_with_an_ingest_token_the_plain_link_opens_only_its_own_results(make_client, keys):
+    """A browser cannot send the bearer token the results view needs: the card's link carries a signed access."""
+    with make_client(ingest_token="ingest-secret", session_secret="s" * 32) as client:
+        authorised = {**FHIR_JSON, "Authorization": "Bearer ingest-secret"}
+        qr, other = example("qr-urgent.json", "Patient/p1"), example("qr-refer-asas.json", "Patient/p2")
+        for response in (qr, other):
+            assert client.post("/QuestionnaireResponse", content=orjson.dumps(response),
+                               headers=authorised).status_code == 201
+        (link,) = cards_of(client, keys, hook())[0]["links"]
+        path, access = link["url"].removeprefix("http://testserver").split("?access=")
+        assert link["type"] == "absolute" and path == f"/results/{qr['id']}"
+        html = {"Accept": "text/html"}
+        opened = client.get(link["url"], headers=html)
+        assert opened.status_code == 200 and "urgent-assessment" in opened.text
+        assert client.get(path, headers=html).status_code == 401  # without it: the token is still needed
+        assert client.get(f"/results/{other['id']}?access={access}", headers=html).status_code == 401
+        assert client.get(f"{path}?access={access[:-2]}xx", headers=html).status_code == 401
+
+
 # -- prefetch ---------------------------------------------------------------------------------------
 
 
