@@ -38,6 +38,7 @@ class Report:
     def __init__(self, stream: TextIO | None = None) -> None:
         self.counts: Counter = Counter()  # by screening outcome (or invalid)
         self.writes: Counter = Counter()  # uploading: written, unchanged, failed, ...
+        self.halted: str | None = None  # why the batch stopped before the end of its input
         self.problems = 0
         self.stream = stream or sys.stderr
 

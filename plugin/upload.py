@@ -17,6 +17,7 @@ import asyncio
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import orjson
@@ -46,6 +47,7 @@ from plugin.writeback import Job, prepare, save
 CHUNK = 32  # scored Bundles are ~35 kB: smaller chunks than for NDJSON output keep memory low
 SKIPPED = "skipped"  # another resource type (a Bulk Data export holds many)
 WRITTEN, UNCHANGED, FAILED, NOTHING = "written", "unchanged", "failed", "nothing to write"
+GIVE_UP = 20  # writes failing in a row (after the client's retries) that stop the batch; at least 2 x concurrency
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,28 +92,26 @@ async def upload(lines: Iterable[Line], store: Store, settings: Settings, *, wor
     """Scores and writes every line; `report` counts the outcomes, and what was written."""
     queue: asyncio.Queue[tuple[Line, Scored] | None] = asyncio.Queue(maxsize=concurrency * 2)
     gate = _Gate()
+    breaker = _Breaker(max(GIVE_UP, 2 * concurrency))
 
     async def writer() -> None:
         while (item := await queue.get()) is not None:
             line, scored = item
-            report.writes[await _write(store, line, scored, gate, report)] += 1
+            outcome = FAILED if breaker.tripped else await _write(store, line, scored, gate, report, breaker)
+            report.writes[outcome] += 1
             if progress is not None:
                 progress.update(1)
 
     writers = [asyncio.create_task(writer()) for _ in range(concurrency)]
     try:
-        async for line, scored in _scored(lines, settings, workers):
-            if scored.label == SKIPPED:
-                report.writes[SKIPPED] += 1
-                continue
-            report.count(scored.label)  # the screening outcome, as NDJSON output counts it
-            if scored.why:
-                report.problem(line, f"not scored: {scored.why}")
-                report.writes[INVALID] += 1
-            elif scored.qr is None:
-                report.writes[NOTHING] += 1
-            else:
-                await queue.put((line, scored))
+        async with aclosing(_scored(lines, settings, workers)) as scored_lines:
+            async for line, scored in scored_lines:
+                if breaker.tripped:
+                    report.halted = (f"stopped after {breaker.limit} writes in a row failed (the store unreachable "
+                                     f"or failing); the rest of the input was not read")
+                    break
+                if _to_write(line, scored, report):
+                    await queue.put((line, scored))
         for _ in writers:
             await queue.put(None)
         await asyncio.gather(*writers)
@@ -119,6 +119,20 @@ async def upload(lines: Iterable[Line], store: Store, settings: Settings, *, wor
         for task in writers:
             task.cancel()
     return report
+
+
+def _to_write(line: Line, scored: Scored, report: Report) -> bool:
+    """Counts a scored line; whether it has results to write."""
+    if scored.label == SKIPPED:
+        report.writes[SKIPPED] += 1
+        return False
+    report.count(scored.label)  # the screening outcome, as NDJSON output counts it
+    if scored.why:
+        report.problem(line, f"not scored: {scored.why}")
+        report.writes[INVALID] += 1
+    elif scored.qr is None:
+        report.writes[NOTHING] += 1
+    return scored.qr is not None
 
 
 async def _scored(lines: Iterable[Line], settings: Settings, workers: int):
@@ -152,18 +166,41 @@ async def _next(pending: deque[tuple[list[Line], asyncio.Future]]) -> Iterator[t
     return zip(chunk, await future)
 
 
-async def _write(store: Store, line: Line, scored: Scored, gate: _Gate, report: Report) -> str:
+async def _write(store: Store, line: Line, scored: Scored, gate: _Gate, report: Report, breaker: _Breaker) -> str:
     job = scored.job()
     try:
         async with gate.hold(response_key(job.qr), _device_key(job.outcome.bundle)):
             written = await save(store, job)
     except InvalidInput as error:  # e.g. the patient is not on the server: nothing of it was written
         report.problem(line, f"not written: {error.summary()}")
+        breaker.answered()
         return FAILED
     except FhirError as error:  # refused, or unreachable after the client's retries: the rerun writes it
         report.problem(line, f"not written: {error}")
+        breaker.failed(error.status)
         return FAILED
+    breaker.answered()
     return WRITTEN if any(w.changed for w in written) else UNCHANGED
+
+
+class _Breaker:
+    """Stops a batch whose store keeps failing: a million lines each retried against a dead server would
+    take days to report what the first few already show. Refusals of single responses do not count."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_row = 0
+        self.tripped = False
+
+    def answered(self) -> None:
+        self.in_row = 0
+
+    def failed(self, status: int | None) -> None:
+        if status is None or status >= 500:
+            self.in_row += 1
+            self.tripped = self.tripped or self.in_row >= self.limit
+        else:
+            self.in_row = 0
 
 
 def _device_key(bundle: dict) -> str:
@@ -218,4 +255,4 @@ def upload_summary(report: Report) -> str:
     line += f"; outcomes: {outcomes}" if outcomes else ""
     if writes[SKIPPED]:
         line += f"; {writes[SKIPPED]} lines of other resource types skipped"
-    return line
+    return line + (f"; {report.halted}" if report.halted else "")

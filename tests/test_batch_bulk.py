@@ -30,14 +30,14 @@ import pytest
 from plugin import batch, data, systems
 from plugin.batch import Report
 from plugin.bulk import Partition, expand, owned
-from plugin.fhir_client import FhirClient
+from plugin.fhir_client import FhirClient, RetryPolicy
 from plugin.pipeline import Screener
 from plugin.settings import Settings
 from plugin.sqlite_store import SqliteStore
 from plugin.store import Store
-from plugin.upload import NOTHING, UNCHANGED, WRITTEN, upload
+from plugin.upload import FAILED, NOTHING, UNCHANGED, WRITTEN, upload
 from plugin.writeback import prepare
-from tests.fhir_helpers import CLI, EXAMPLES, ROOT, total
+from tests.fhir_helpers import CLI, EXAMPLES, ROOT, free_port, total
 
 T = TypeVar("T")
 LIMIT = 1 << 20
@@ -316,6 +316,22 @@ def test_upload_reports_each_failed_line_and_exits_non_zero(tmp_path: Path, fhir
     assert "written 2, unchanged 0, failed 1, invalid 1" in done.stderr
     assert "1 lines of other resource types skipped" in done.stderr
     assert "rf-" not in done.stderr and "urgent" not in done.stderr.split("outcomes:")[0]  # no answers
+
+
+def test_upload_stops_when_the_store_keeps_failing(tmp_path: Path):
+    """A dead server: the batch stops after a run of failed writes instead of trying a million lines."""
+    path = ndjson(tmp_path / "in.ndjson", [response("qr-urgent.json", f"Patient/p{i}") for i in range(300)])
+    report = Report(io.StringIO())
+    dead = FhirClient(f"http://127.0.0.1:{free_port()}", retry=RetryPolicy(attempts=1))
+
+    async def go() -> None:
+        async with dead:
+            await upload(owned([str(path)], LIMIT), dead, Settings(), concurrency=4, report=report)
+
+    run(go())
+    assert report.halted and "20 writes in a row failed" in report.halted
+    assert 20 <= report.writes[FAILED] < 100 and not report.writes[WRITTEN]
+    assert "in.ndjson:1: not written: The FHIR server at" in report.stream.getvalue()
 
 
 # -- SIGKILL in the middle of an upload -----------------------------------------------------------------------
