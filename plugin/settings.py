@@ -91,7 +91,8 @@ SERVICE_SETTINGS: dict[str, tuple[str, str]] = {
     "smart_scopes": ("BACKPAIN_SMART_SCOPES", "scopes asked for (default: the SMART v2 `system/` scopes of "
                      "what the plugin reads and writes)"),
     "session_secret": ("BACKPAIN_SESSION_SECRET", "signs the SMART App Launch's short-lived cookies and CDS "
-                       "cards' plain results links; unset: a random key per process, so set it when running more than one worker"),
+                       "cards' plain results links; unset: a random key per process, so set it when running "
+                       "more than one worker"),
     "cds_issuers": ("BACKPAIN_CDS_ISSUERS", "comma-separated `issuer|jwks_url` pairs: the CDS Clients whose "
                     "signed JWTs the CDS Hooks service accepts, and their JWK Sets (allowed `jku`); unset: "
                     "CDS Hooks calls are refused"),
