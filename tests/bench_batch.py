@@ -1,6 +1,8 @@
 """Benchmark: `backpain-screen batch` over many responses, memory and throughput, for 1 and 2 workers.
 
     python -m tests.bench_batch [--n 1000000] [--workers 1,2] [--partition 0/1]
+    python -m tests.bench_batch --upload 400
+
 
 Responses are generated on the fly and piped into `batch - -o /dev/null`, so
 neither the input nor the output ever sits on disk or in this process. The
@@ -8,6 +10,11 @@ peak RSS (VmHWM, since exec) of the batch process and of each of its worker
 processes is polled from /proc until it exits. Each worker count is run in
 turn over the same responses; the throughput ratio of the last to the first
 and the load average around each run (the machine is shared) are printed.
+
+With --upload N, N example responses (fresh ids, 20 patients) are written
+with `batch --upload` to the local test FHIR server and to the embedded
+store, with several --workers/--concurrency settings (new responses each
+run), and once more unchanged: where uploading spends its time.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -99,12 +107,65 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+UPLOAD_SETTINGS = (("1", "1"), ("1", "8"), ("2", "8"), ("1", "16"))  # (workers, concurrency)
+
+
+def upload_runs(n: int) -> None:
+    import tempfile
+
+    import httpx
+    import orjson
+
+    from tests.fhir_helpers import CLI, EXAMPLES, ROOT, local_fhir_server
+
+    names = [p.name for p in sorted(EXAMPLES.glob("qr-*.json")) if "in-progress" not in p.name]
+
+    def responses(path: Path, patients: list[str]) -> Path:
+        with path.open("wb") as out:
+            for i in range(n):
+                qr = orjson.loads((EXAMPLES / names[i % len(names)]).read_bytes())
+                qr["id"] = f"bench-{uuid.uuid4()}"
+                qr["subject"] = {"reference": patients[i % len(patients)]}
+                out.write(orjson.dumps(qr) + b"\n")
+        return path
+
+    def timed(label: str, args: list[str]) -> None:
+        cpu = _children_cpu()
+        start = time.perf_counter()
+        done = subprocess.run([*CLI, *args], cwd=ROOT, capture_output=True, text=True, check=False)
+        elapsed = time.perf_counter() - start
+        cpu = _children_cpu() - cpu
+        summary = done.stderr.strip().splitlines()[-1].split(";")[0] if done.stderr.strip() else ""
+        print(f"| {label} | {elapsed:.1f} | {n / elapsed:,.1f} | {cpu:.1f} "
+              f"| {summary.removeprefix('backpain-screen: ')} | {os.getloadavg()[0]:.1f} |")
+
+    print(f"| {n:,} responses | seconds | responses/s (incl. start-up) | batch CPU s (incl. workers) | summary "
+          "| load |\n|---|---:|---:|---:|---|---:|")
+    with tempfile.TemporaryDirectory() as tmp, local_fhir_server() as base_url:
+        work = Path(tmp)
+        body = orjson.dumps({"resourceType": "Patient", "active": True})
+        with httpx.Client(base_url=base_url, headers={"Content-Type": "application/fhir+json"}) as fhir:
+            patients = [f"Patient/{fhir.post('/Patient', content=body).json()['id']}" for _ in range(20)]
+        for store, flags in (("FHIR server", ["--fhir-base-url", base_url]),
+                             ("embedded store", ["--store", str(work / "store.sqlite3")])):
+            for turn in (1, 2):  # settings take turns, twice: a server slows as it fills, and others' load varies
+                for workers, concurrency in UPLOAD_SETTINGS:
+                    path = responses(work / f"in-{store[0]}{turn}{workers}{concurrency}.ndjson", patients)
+                    timed(f"{store}, --workers {workers} --concurrency {concurrency} (turn {turn})",
+                          ["batch", str(path), "--upload", *flags, "--workers", workers, "--concurrency", concurrency])
+            timed(f"{store}, the last again (all unchanged)", ["batch", str(path), "--upload", *flags])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--workers", default="1,2", help="worker counts to run in turn (default 1,2)")
     parser.add_argument("--partition", default="0/1", help="passed to batch (a partition reads every line)")
+    parser.add_argument("--upload", type=int, metavar="N", help="measure batch --upload of N responses instead")
     args = parser.parse_args()
+    if args.upload:
+        upload_runs(args.upload)
+        return
     runs = [run_once(args.n, int(w), args.partition) for w in args.workers.split(",")]
     print(f"responses: {args.n:,}  partition: {args.partition}  cores: {os.cpu_count()}")
     for r in runs:
