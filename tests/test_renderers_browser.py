@@ -151,8 +151,12 @@ def pages() -> Iterator[str]:
 
 
 def build_smart_forms() -> None:
-    """The Smart Forms app, bundled by esbuild into smart-forms/build/ (kept out of git)."""
+    """The Smart Forms app, bundled by esbuild into smart-forms/build/ (kept out of git), unless it is up to date."""
     npm_install(SMART_FORMS)
+    built = SMART_FORMS / "build" / "app.js"
+    sources = [SMART_FORMS / "app.jsx", RENDERERS / "portal.js", SMART_FORMS / "node_modules" / ".package-lock.json"]
+    if built.exists() and built.stat().st_mtime > max(source.stat().st_mtime for source in sources):
+        return
     subprocess.run(
         [str(SMART_FORMS / "node_modules" / ".bin" / "esbuild"), "app.jsx", "--bundle", "--minify", "--format=iife",
          "--outdir=build", "--asset-names=assets/[name]-[hash]", "--define:process.env.NODE_ENV=\"production\"",
@@ -392,6 +396,24 @@ def test_answers_hidden_by_enable_when_are_left_out_and_no_referral_is_indicated
     assert results["asas-ibp"]["valueInteger"] == 3
     assert outcome(results) == "no-referral-indicated"
     assert results["tasks"] == []
+    if isinstance(visit.renderer, SmartForms):
+        hidden_answer_is_refused(visit, sent["qr"])
+
+
+def hidden_answer_is_refused(visit: Visit, sent: dict) -> None:
+    """Smart Forms' own getResponse() keeps the hidden answers (the portal sends it through
+    removeEmptyAnswersFromResponse, as the Smart Forms app does). Sent as it is, the plugin refuses the
+    contradiction with a 400 naming the item rather than guess which answer the patient meant."""
+    raw = visit.page.evaluate("window.rawResponse()")
+    assert [answers_of(raw)[link_id] for link_id in FOLLOW_UPS] == [True, True]
+    raw.update(status="completed", subject=sent["subject"])
+    refused = httpx.post(f"{visit.plugin.url}/QuestionnaireResponse", content=orjson.dumps(raw),
+                         headers={"Content-Type": FHIR_JSON}, timeout=10)
+    assert refused.status_code == 400, refused.text
+    issues = refused.json()["issue"]
+    assert [(i["code"], re.search(r"'(.+?)'", i["diagnostics"])[1]) for i in issues] == [  # type: ignore[index]
+        ("business-rule", link_id) for link_id in FOLLOW_UPS]
+    assert all(re.fullmatch(r"QuestionnaireResponse\.item\[0\]\.item\[\d+\]", i["expression"][0]) for i in issues)
 
 
 def test_completed_with_answers_missing_is_indeterminate(visit: Visit):
