@@ -317,6 +317,32 @@ def test_a_429_storm_is_waited_out_as_retry_after_asks(tmp_path: Path, fault_rep
                  seconds=round(seconds, 1), lost=0, duplicated=0)
 
 
+def test_a_429_storm_on_concurrent_write_backs_is_waited_out(tmp_path: Path, fault_report):
+    """Every request answered 429 (Retry-After: 1) for 2.5 s while 6 callers ingest through `serve`: the
+    plugin's requests then come at most once a second each, and every response is written once."""
+    n, storm, callers = 30, 2.5, 6
+    with fhir_server(tmp_path) as server, fault_proxy(server.base_url, "pass", "--retry-after", "1") as proxy, \
+            serving(tmp_path / "serve", "--fhir-base-url", proxy) as service:
+        with client(server.base_url) as fhir:
+            bodies = responses(new_patients(fhir, 3), n)
+        refused: Counter = Counter()
+        with concurrent.futures.ThreadPoolExecutor(callers) as pool:
+            ingesting = [pool.submit(ingest_until_taken, service.base_url, body, refused) for body in bodies.values()]
+            time.sleep(1.0)
+            httpx.put(f"{proxy}/__faults", params={"script": "429"}, timeout=10)
+            time.sleep(storm)
+            httpx.put(f"{proxy}/__faults", params={"script": "pass"}, timeout=10)
+            assert all(f.result(timeout=120) in (200, 201) for f in ingesting)
+        served = faults(proxy)
+        tally = on_server(server.base_url)
+    assert tally.verdict(bodies) == {"exactly_one": n, "lost": 0, "duplicated": 0, "incomplete": 0}
+    # honoured: each of the (at most `callers`) requests in flight asks again after 1 s, not within 0.2 s
+    assert 0 < served["429"] <= callers * (storm + 1) + callers, served
+    fault_report("proxy: 2.5 s 429 storm under 6 concurrent callers", written=n, answered_429=served["429"],
+                 bound_if_honoured=int(callers * (storm + 1) + callers), callers_saw_5xx=dict(refused),
+                 lost=0, duplicated=0)
+
+
 # -- 4. the same response submitted 20 times at once ---------------------------------------------------------
 
 
