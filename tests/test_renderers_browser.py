@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -40,7 +40,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, Playwright, expect, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, Route, expect, sync_playwright
 
 from plugin.sqlite_store import SqliteStore
 from tests.fhir_helpers import ROOT, free_port, npm_install, stop, wait_until_ready
@@ -173,15 +173,27 @@ class Plugin:
     def said(self) -> str:
         return self.log.read_text(errors="replace")[-3000:]
 
+    def in_store(self, work: Callable[[SqliteStore], Awaitable[Any]]) -> Any:
+        """`work` done on the embedded store, in a thread of its own (Playwright's sync API keeps an event loop
+        running in this one)."""
+        async def run() -> Any:
+            async with SqliteStore(self.store) as store:
+                return await work(store)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as thread:
+            return thread.submit(asyncio.run, run()).result()
+
     def new_patient(self) -> str:
         """A Patient in the embedded store (results are written only for a patient the record system has)."""
-        async def create() -> dict:
-            async with SqliteStore(self.store) as store:
-                return await store.create({"resourceType": "Patient", "active": True})
+        return f"Patient/{self.in_store(lambda store: store.create({'resourceType': 'Patient', 'active': True}))['id']}"
 
-        # In a thread of its own: Playwright's sync API keeps an event loop running in this one.
-        with concurrent.futures.ThreadPoolExecutor(1) as thread:
-            return f"Patient/{thread.submit(asyncio.run, create()).result()['id']}"
+    def written_for(self, patient: str) -> list[str]:
+        """The types of everything stored about the patient."""
+        async def search(store: SqliteStore) -> list[str]:
+            return [r["resourceType"] for kind, by in (("QuestionnaireResponse", "subject"), ("Observation", "subject"))
+                    async for r in store.search(kind, {by: patient})]
+
+        return self.in_store(search)
 
     def results(self, location: str) -> dict[str, dict]:
         """The stored results of the response at `location`: Observations by code, Tasks under "tasks"."""
@@ -220,15 +232,11 @@ def browser() -> Iterator[Browser]:
     if executable is None:
         pytest.fail("Chromium is not installed: apt-get install -y chromium")
     with sync_playwright() as driver:
-        browser = _launch(driver, executable)
+        # Chromium's sandbox cannot start as root (CI containers); the pages are the test's own.
+        browser = driver.chromium.launch(executable_path=executable, headless=True,
+                                         args=["--no-sandbox"] if os.geteuid() == 0 else [])
         yield browser
         browser.close()
-
-
-def _launch(driver: Playwright, executable: str) -> Browser:
-    # Chromium's sandbox cannot start as root (CI containers); the pages are the test's own.
-    return driver.chromium.launch(executable_path=executable, headless=True,
-                                  args=["--no-sandbox"] if os.geteuid() == 0 else [])
 
 
 @pytest.fixture(scope="module", params=[LhcForms(), SmartForms()], ids=lambda r: r.name)
@@ -244,6 +252,7 @@ class Visit:
 
     page: Page
     renderer: Renderer
+    pages: str
     plugin: Plugin
     patient: str
     requests: list[str] = field(default_factory=list)
@@ -253,6 +262,21 @@ class Visit:
     def on_console(self, message: ConsoleMessage) -> None:
         if message.type == "error" and message.text not in self.expected_errors:
             self.errors.append(f"{message.text} ({message.location.get('url')})")
+
+    def open(self, change: Callable[[dict], None] | None = None) -> None:
+        """The portal page, the plugin's Questionnaire shown in the renderer; `change` alters the Questionnaire on
+        its way to the page (the plugin's own stays as it is)."""
+        if change is not None:
+            def altered(route: Route) -> None:
+                answer = route.fetch()
+                questionnaire = answer.json()
+                change(questionnaire)
+                route.fulfill(response=answer, json=questionnaire)
+
+            self.page.route(f"{self.plugin.url}/Questionnaire/*", altered)
+        self.page.goto(f"{self.pages}/{self.renderer.page}?plugin={self.plugin.url}"
+                       f"&questionnaire={QUESTIONNAIRE_ID}&patient={self.patient}")
+        expect(self.page.locator("#state")).to_have_text("ready", timeout=30_000)
 
     def answer(self, answers: dict[str, object]) -> None:
         """By linkId, like a user: a bool clicks Yes/No, a str picks the option with that display, else typed."""
@@ -287,14 +311,11 @@ def visit(browser: Browser, pages: str, plugin: Plugin, renderer: Renderer) -> I
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(15_000)
-    seen = Visit(page, renderer, plugin, plugin.new_patient())
+    seen = Visit(page, renderer, pages, plugin, plugin.new_patient())
     page.on("request", lambda request: seen.requests.append(request.url))
     page.on("console", seen.on_console)
     page.on("pageerror", lambda error: seen.errors.append(f"uncaught: {error}"))
     try:
-        page.goto(f"{pages}/{renderer.page}?plugin={plugin.url}&questionnaire={QUESTIONNAIRE_ID}"
-                  f"&patient={seen.patient}")
-        expect(page.locator("#state")).to_have_text("ready", timeout=30_000)
         yield seen
         elsewhere = [u for u in seen.requests
                      if not (u.startswith((f"{pages}/", f"{plugin.url}/")) or u.startswith("data:"))]
@@ -339,12 +360,14 @@ def written(sent: dict) -> dict:
 def test_cauda_equina_flag_is_an_emergency_with_everything_else_unanswered(visit: Visit):
     """One cauda-equina flag decides: emergency, though the renderer marks the response `completed` with nearly
     every item unanswered (a missing answer cannot make a flag that is present go away)."""
+    visit.open()
     visit.answer({"pain-duration": "Less than 6 weeks", "rf-saddle-numbness": True})
     sent = written(visit.send("emergency"))
     assert answers_of(sent["qr"]) == {"pain-duration": "lt-6w", "rf-saddle-numbness": True}
     results = visit.plugin.results(sent["location"])
     assert outcome(results) == "emergency-assessment"
     assert [t["priority"] for t in results["tasks"]] == ["stat"]
+    assert "QuestionnaireResponse" in visit.plugin.written_for(visit.patient)
 
 
 REFER = {
@@ -358,6 +381,7 @@ REFER = {
 def test_inflammatory_back_pain_is_a_referral(visit: Visit):
     """Chronic pain since 28, ASAS-IBP 5 of 5, psoriasis and HLA-B27 positive, every red flag answered no: ASAS
     2015 says refer (one criterion is enough, so the history items left blank cannot change it)."""
+    visit.open()
     visit.answer(REFER)
     sent = written(visit.send("refer"))
     assert answers_of(sent["qr"]) == {
@@ -382,6 +406,7 @@ NO_REFERRAL = {
 def test_answers_hidden_by_enable_when_are_left_out_and_no_referral_is_indicated(visit: Visit):
     """Night pain yes, both follow-ups yes, then night pain no: the follow-ups disappear and their answers are
     not sent (had they been, the plugin would refuse the contradiction with a 400, or the count would be 4)."""
+    visit.open()
     page = visit.page
     visit.answer({"night-pain": True, **dict.fromkeys(FOLLOW_UPS, True)})
     visit.answer({"night-pain": False})
@@ -416,11 +441,23 @@ def hidden_answer_is_refused(visit: Visit, sent: dict) -> None:
     assert all(re.fullmatch(r"QuestionnaireResponse\.item\[0\]\.item\[\d+\]", i["expression"][0]) for i in issues)
 
 
-def test_completed_with_answers_missing_is_indeterminate(visit: Visit):
-    """Chronic pain since 30 and no red flags, the rest left blank, yet `completed`: the plugin writes it and says
-    indeterminate (the blanks could still meet a referral criterion), never "no referral"."""
+def every_item_required(questionnaire: dict) -> None:
+    for item in _items(questionnaire["item"]):
+        if item["type"] != "group":
+            item["required"] = True
+
+
+def test_completed_with_required_items_unanswered_is_indeterminate(visit: Visit):
+    """Every question marked required (in the page's copy), then chronic pain since 30 and no red flags, the rest
+    left blank: the renderer still makes a `completed` response (LHC-Forms by itself, Smart Forms on the portal's
+    "Send"). The plugin does not refuse it (it never reads `required`: a blank is an unknown, and refusing would
+    lose the red-flag answers); it writes it and says indeterminate, as the blanks could still meet a referral
+    criterion, never "no referral"."""
+    visit.open(every_item_required)
+    expect(visit.renderer.question(visit.page, "ibd")).to_contain_text("*")  # the renderer marks it required
     visit.answer({"pain-duration": "More than 5 years", "onset-age": 30, **dict.fromkeys(RED_FLAGS, False)})
     sent = written(visit.send("indeterminate"))
+    assert answers_of(sent["qr"]) == {"pain-duration": "gt-5y", "onset-age": 30, **dict.fromkeys(RED_FLAGS, False)}
     results = visit.plugin.results(sent["location"])
     assert outcome(results) == "indeterminate"
     assert results["tasks"] == []
@@ -430,6 +467,7 @@ def test_a_decimal_typed_into_an_integer_field_never_reaches_the_plugin_as_that_
     """"28.5" typed, key by key, as the age the pain began. LHC-Forms flags the field and makes no response at all
     (getFormFHIRData gives null), so the portal has nothing to send. Smart Forms drops the "." as it is typed:
     the field says 285, and the plugin refuses that age (0-120) with a 400 naming the item, writing nothing."""
+    visit.open()
     page, renderer = visit.page, visit.renderer
     field = renderer.number_field(page, "onset-age")
     field.press_sequentially("28.5")
@@ -456,3 +494,4 @@ def test_a_decimal_typed_into_an_integer_field_never_reaches_the_plugin_as_that_
     issue, = refused["reply"]["issue"]
     assert issue["code"] == "value" and "between 0 and 120" in issue["diagnostics"]
     assert issue["expression"] == ["QuestionnaireResponse.item[0].item[0].answer[0].valueInteger"]
+    assert visit.plugin.written_for(visit.patient) == []
