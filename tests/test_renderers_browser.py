@@ -12,9 +12,10 @@ Renderers, from npm (tests/renderers/, installed with `npm ci` on first use):
 - CSIRO Smart Forms (@aehrc/smart-forms-renderer): a tiny React app (tests/renderers/smart-forms/app.jsx)
   bundled by esbuild at test time; the QR is `getResponse()` less empty and hidden answers.
 
-Quirks checked: a `completed` response with items unanswered is scored (indeterminate where the gaps could
-change the decision, a decision where they could not), answers hidden by enableWhen are left out, and a
-non-integer typed into an integer field never reaches the plugin as an integer.
+Quirks checked: a `completed` response with items unanswered (even required ones) is scored (indeterminate
+where the gaps could change the decision, a decision where they could not), answers hidden by enableWhen are
+left out, and a non-integer typed into an integer field never reaches the plugin as that integer. The age is
+prefilled by each renderer from the Questionnaire's SDC launchContext + initialExpression.
 
 Every page may ask only the page's own server and the plugin for anything, and must log no console error.
 Screenshots go to tests/artifacts/. Chromium is Debian's (/usr/bin/chromium); nothing is downloaded.
@@ -33,6 +34,7 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import date
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -263,9 +265,9 @@ class Visit:
         if message.type == "error" and message.text not in self.expected_errors:
             self.errors.append(f"{message.text} ({message.location.get('url')})")
 
-    def open(self, change: Callable[[dict], None] | None = None) -> None:
+    def open(self, change: Callable[[dict], None] | None = None, birth_date: str = "") -> None:
         """The portal page, the plugin's Questionnaire shown in the renderer; `change` alters the Questionnaire on
-        its way to the page (the plugin's own stays as it is)."""
+        its way to the page (the plugin's own stays as it is); `birth_date` is the Patient's, for prefill."""
         if change is not None:
             def altered(route: Route) -> None:
                 answer = route.fetch()
@@ -275,7 +277,7 @@ class Visit:
 
             self.page.route(f"{self.plugin.url}/Questionnaire/*", altered)
         self.page.goto(f"{self.pages}/{self.renderer.page}?plugin={self.plugin.url}"
-                       f"&questionnaire={QUESTIONNAIRE_ID}&patient={self.patient}")
+                       f"&questionnaire={QUESTIONNAIRE_ID}&patient={self.patient}&birthDate={birth_date}")
         expect(self.page.locator("#state")).to_have_text("ready", timeout=30_000)
 
     def answer(self, answers: dict[str, object]) -> None:
@@ -495,3 +497,16 @@ def test_a_decimal_typed_into_an_integer_field_never_reaches_the_plugin_as_that_
     assert issue["code"] == "value" and "between 0 and 120" in issue["diagnostics"]
     assert issue["expression"] == ["QuestionnaireResponse.item[0].item[0].answer[0].valueInteger"]
     assert visit.plugin.written_for(visit.patient) == []
+
+
+def test_age_is_prefilled_from_the_patients_birth_date(visit: Visit):
+    """The Questionnaire's SDC launchContext and initialExpression, run by the renderer itself (LHC-Forms with
+    the Patient as launch context, Smart Forms through its sdc-populate): the age field shows the patient's full
+    years, and the response carries them."""
+    born = date(1986, 6, 15)
+    today = date.today()
+    age = today.year - born.year - ((today.month, today.day) < (born.month, born.day))
+    visit.open(birth_date=born.isoformat())
+    expect(visit.renderer.number_field(visit.page, "age")).to_have_value(str(age))
+    sent = written(visit.send("prefilled-age"))
+    assert answers_of(sent["qr"]) == {"age": age}

@@ -11,9 +11,11 @@ async function loaded() {
 
 portal({
   name: "LHC-Forms",
-  async show(questionnaire, element) {
+  async show(questionnaire, element, plugin, patient) {
     await loaded();
-    await window.LForms.Util.addFormToPage(questionnaire, element, {});
+    // The SDC launch context: the Patient itself, as a portal that has it would pass it (no FHIR server asked).
+    window.LForms.Util.setFHIRContext(null, {patient});
+    await window.LForms.Util.addFormToPage(questionnaire, element, {prepopulate: true});
   },
   response: () => window.LForms.Util.getFormFHIRData("QuestionnaireResponse", "R4"),
 });

@@ -1,6 +1,6 @@
 // What a patient portal does around a FHIR form renderer: fetch the plugin's Questionnaire, hand it to the
 // renderer, and on "Send" POST the QuestionnaireResponse the renderer made of the answers to the plugin.
-// Query: ?plugin=<base URL>&questionnaire=<id>&patient=Patient/<id>. #state says "loading", "ready", "sent" or
+// Query: ?plugin=<base URL>&questionnaire=<id>&patient=Patient/<id>[&birthDate=YYYY-MM-DD]. #state says "loading", "ready", "sent" or
 // "failed: …"; after "sent", window.sent holds {status, location, qr, reply}.
 const FHIR_JSON = "application/fhir+json";
 
@@ -14,7 +14,10 @@ export async function portal(renderer) {
     const answer = await fetch(`${plugin}/Questionnaire/${query.get("questionnaire")}`, {headers: {Accept: FHIR_JSON}});
     if (!answer.ok) throw new Error(`GET Questionnaire: ${answer.status}`);
     const questionnaire = await answer.json();
-    await renderer.show(questionnaire, document.getElementById("form"), plugin);
+    // The patient as the portal knows them; a birthDate given lets the renderer prefill the age (SDC).
+    const patient = {resourceType: "Patient", id: query.get("patient").split("/").pop()};
+    if (query.get("birthDate")) patient.birthDate = query.get("birthDate");
+    await renderer.show(questionnaire, document.getElementById("form"), plugin, patient);
     state.textContent = "ready";
     return questionnaire;
   }

@@ -7,16 +7,30 @@ import {
   BaseRenderer, RendererThemeProvider, buildForm, getResponse, removeEmptyAnswersFromResponse,
   useRendererQueryClient,
 } from "@aehrc/smart-forms-renderer";
+import {populateQuestionnaire} from "@aehrc/sdc-populate";
 import {portal} from "../portal.js";
 
-function Form({questionnaire, terminologyServerUrl, onShown}) {
+// SDC prefill the Smart Forms way: its sdc-populate evaluates the initialExpressions with the patient as %patient
+// (nothing is fetched: the Questionnaire asks only for the launch context).
+async function prefilled(questionnaire, patient, sourceServerUrl) {
+  const {populateSuccess, populateResult} = await populateQuestionnaire({
+    questionnaire, patient,
+    fetchResourceCallback: (query) => Promise.reject(new Error(`not fetched: ${query}`)),
+    fetchResourceRequestConfig: {sourceServerUrl},
+  });
+  return populateSuccess ? populateResult.populatedResponse : undefined;
+}
+
+function Form({questionnaire, terminologyServerUrl, patient, onShown}) {
   const queryClient = useRendererQueryClient();
   const [built, setBuilt] = useState(false);
   useEffect(() => {
     // The plugin as terminology server: the answers are all answerOption, so nothing should be asked of it,
     // and without one the renderer would fall back to a public server on another host.
-    buildForm({questionnaire, terminologyServerUrl}).then(() => setBuilt(true));
-  }, [questionnaire, terminologyServerUrl]);
+    prefilled(questionnaire, patient, terminologyServerUrl)
+      .then((questionnaireResponse) => buildForm({questionnaire, questionnaireResponse, terminologyServerUrl}))
+      .then(() => setBuilt(true));
+  }, [questionnaire, terminologyServerUrl, patient]);
   useEffect(() => { if (built) onShown(); }, [built, onShown]);
   if (!built) return <p>Loading the form…</p>;
   return (
@@ -33,8 +47,9 @@ window.rawResponse = () => getResponse();
 
 portal({
   name: "Smart Forms",
-  show: (questionnaire, element, plugin) => new Promise((shown) => {
-    createRoot(element).render(<Form questionnaire={questionnaire} terminologyServerUrl={plugin} onShown={shown}/>);
+  show: (questionnaire, element, plugin, patient) => new Promise((shown) => {
+    createRoot(element).render(
+      <Form questionnaire={questionnaire} terminologyServerUrl={plugin} patient={patient} onShown={shown}/>);
   }),
   // What the renderer holds, less the empty answers and the answers enableWhen hides, marked final: what the Smart
   // Forms app itself sends on "Save as final" (the renderer's own response stays in-progress).
