@@ -130,7 +130,11 @@ async def store_failed(request: Request, error: Exception) -> Response:
     assert isinstance(error, FhirError)
     svc = service_of(request)
     svc.metrics.store_errors.inc()
-    LOG.warning("store failed", extra={"event": "store-error", "store": svc.store_name, "status": error.status})
+    # The embedded store's own refusal names its cause (full disk, read-only file) and never patient data;
+    # a FHIR server's error text may carry search values, so only its status is logged.
+    reason = str(error) if svc.store_name == "embedded" and error.status == 503 else None
+    LOG.warning("store failed", extra={"event": "store-error", "store": svc.store_name, "status": error.status,
+                                       "reason": reason})
     if error.status in (400, 404, 409, 412, 422):  # the store refused what this request asked for
         diagnostics = f"The store refused the write (HTTP {error.status}); nothing was written."
         return outcome_reply(request, [Issue("processing", diagnostics)], 409 if error.status == 412 else 422)

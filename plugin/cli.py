@@ -245,12 +245,31 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     for name, value in flags.items():
         if value is not None:
             os.environ[SERVICE_SETTINGS[name][0]] = str(value)
+    if not service.fhir_base_url and (problem := _unopenable(service.store_path)):
+        print(f"backpain-screen: cannot serve: {problem}", file=sys.stderr)  # one line, not a startup traceback
+        return EXIT_SERVER
     where = service.fhir_base_url or f"the embedded store {service.store_path}"
     print(f"backpain-screen: serving on http://{service.host}:{service.port}, writing to {where}", file=sys.stderr)
     uvicorn.run("plugin.app:from_environment", factory=True, host=service.host, port=service.port,
                 workers=service.workers, loop="uvloop", http="httptools", log_level=service.log_level,
                 access_log=False, proxy_headers=True, server_header=False)
     return 0
+
+
+def _unopenable(path: Path) -> str | None:
+    """Why the embedded store cannot be opened (read-only, no access), or None. A full disk is not refused
+    here: the service starts, answers 503 while it lasts, and writes again when space returns."""
+    from plugin.sqlite_store import SqliteStore
+
+    async def probe() -> None:
+        async with SqliteStore(path):
+            pass
+
+    try:
+        asyncio.run(probe())
+    except FhirError as error:
+        return str(error)
+    return None
 
 
 def _refuse(error: InvalidInput) -> int:

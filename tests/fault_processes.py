@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.fhir_helpers import NODE, ROOT, SERVER_DIR, START_TIMEOUT, _install_server, free_port, wait_until_ready
+from tests.fhir_helpers import NODE, ROOT, SERVER_DIR, START_TIMEOUT, free_port, install_server, wait_until_ready
 
 NOTIFY_SECRET = "fault-suite-notify-secret"
 
@@ -42,7 +42,7 @@ class FhirServer:
     With `persist=False` it keeps its data in memory only, as by default."""
 
     def __init__(self, data_file: Path, *, persist: bool = True, **env: str) -> None:
-        _install_server()
+        install_server()
         self.data_file, self.env = data_file, {"DATA_FILE": str(data_file), **env} if persist else env
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"

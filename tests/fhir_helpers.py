@@ -71,7 +71,7 @@ def npm_install(folder: Path, *, again: bool = False) -> None:
                    stdout=subprocess.DEVNULL, timeout=600)
 
 
-def _install_server() -> None:
+def install_server() -> None:
     npm_install(SERVER_DIR, again=not NODE.exists())
 
 
@@ -109,7 +109,7 @@ def stop(process: subprocess.Popen) -> None:
 def local_fhir_server(env: dict[str, str] | None = None) -> Iterator[str]:
     """The local test server (tests/fhir_server/), installed on first use, on a free port (unless `env` gives a
     PORT; `env` may also set AUTH_ISSUER and the like, see its README); its base URL."""
-    _install_server()
+    install_server()
     server = subprocess.Popen([str(NODE), "server.mjs"], cwd=SERVER_DIR, env={**os.environ, "PORT": "0", **(env or {})},
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -21,21 +21,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from plugin.smart_auth import SigningKey, load_signing_key, public_jwks
-from tests.fhir_helpers import NODE, _install_server, stop, wait_until_ready
+from tests.fhir_helpers import NODE, install_server, npm_install, stop, wait_until_ready
 
 OAUTH_DIR = Path(__file__).resolve().parent / "oauth_server"
 START_TIMEOUT = 60
-
-
-def _install_oauth_server() -> None:
-    record = OAUTH_DIR / "node_modules" / ".package-lock.json"
-    if record.exists():
-        installed = json.loads(record.read_text())["packages"]
-        wanted = json.loads((OAUTH_DIR / "package-lock.json").read_text())["packages"]
-        if all(installed.get(name, {}).get("version") == p.get("version") for name, p in wanted.items() if name):
-            return
-    subprocess.run(["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=OAUTH_DIR, check=True,
-                   stdout=subprocess.DEVNULL, timeout=600)
 
 
 @dataclass(frozen=True)
@@ -51,8 +40,8 @@ class AuthServer:
 
 @contextmanager
 def authorization_server(audience: str, clients: list[dict], ttl: int = 300) -> Iterator[AuthServer]:
-    _install_server()  # brings the Node 22 binary both servers run on
-    _install_oauth_server()
+    install_server()  # brings the Node 22 binary both servers run on
+    npm_install(OAUTH_DIR)
     env = {**os.environ, "PORT": "0", "AUDIENCE": audience, "TOKEN_TTL": str(ttl),
            "CONFIG": json.dumps({"clients": clients})}
     process = subprocess.Popen([str(NODE), "server.mjs"], cwd=OAUTH_DIR, env=env, stdout=subprocess.PIPE,

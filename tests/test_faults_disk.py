@@ -153,6 +153,7 @@ def test_a_full_disk_is_a_clear_503_writes_nothing_and_recovers(disk: Disk, tmp_
         disk.grow(service.process.pid)
         assert post(service.base_url, body).status_code == 201  # the same service, space back: written
         (logged, *_) = logged_store_errors(service.log)
+        assert any(cause in logged["reason"] for cause in causes)  # the operator reads why in the log
     assert integrity(store) == "ok"
     after = in_store(store).verdict([*accepted, refused_id])
     assert after == {"exactly_one": len(accepted) + 1, "lost": 0, "duplicated": 0, "incomplete": 0}
