@@ -190,10 +190,10 @@ class Plugin:
         return f"Patient/{self.in_store(lambda store: store.create({'resourceType': 'Patient', 'active': True}))['id']}"
 
     def written_for(self, patient: str) -> list[str]:
-        """The types of everything stored about the patient."""
+        """The types of the responses and results stored about the patient."""
         async def search(store: SqliteStore) -> list[str]:
-            return [r["resourceType"] for kind, by in (("QuestionnaireResponse", "subject"), ("Observation", "subject"))
-                    async for r in store.search(kind, {by: patient})]
+            return [r["resourceType"] for kind in ("QuestionnaireResponse", "Observation")
+                    async for r in store.search(kind, {"subject": patient})]
 
         return self.in_store(search)
 
