@@ -123,7 +123,8 @@ def _server(parser: argparse.ArgumentParser) -> None:
 def _client(args: argparse.Namespace) -> Store:
     """The FHIR server when one is given (flag or environment), else the embedded store."""
     chosen = service_settings(fhir_base_url=args.fhir_base_url, store_path=args.store)
-    return open_store(chosen, timeout=args.timeout)
+    # batch --upload keeps `--concurrency` responses in flight, each a read and then a transaction
+    return open_store(chosen, timeout=args.timeout, concurrency=max(8, getattr(args, "concurrency", 8)))
 
 
 def _publish(args: argparse.Namespace, settings: Settings) -> int:

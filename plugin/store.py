@@ -46,14 +46,16 @@ class Store(Protocol):
         """Conditional update (`PUT Type?params`): updates the one match or creates; the stored copy."""
 
 
-def open_store(settings: ServiceSettings, timeout: float = 30.0) -> Store:
+def open_store(settings: ServiceSettings, timeout: float = 30.0, concurrency: int = 8) -> Store:
     """The EHR's FHIR server when one is configured (with SMART Backend Services tokens when a SMART client
-    is configured, else the fixed bearer token, if any), else the embedded store."""
+    is configured, else the fixed bearer token, if any; at most `concurrency` requests at once), else the
+    embedded store."""
     if settings.fhir_base_url:
         from plugin.fhir_client import FhirClient
         from plugin.smart_auth import token_source
 
-        return FhirClient(settings.fhir_base_url, token=token_source(settings, timeout), timeout=timeout)
+        return FhirClient(settings.fhir_base_url, token=token_source(settings, timeout), timeout=timeout,
+                          concurrency=concurrency)
     from plugin.sqlite_store import SqliteStore
 
     return SqliteStore(settings.store_path)
