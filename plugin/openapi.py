@@ -50,6 +50,10 @@ def _op(summary: str, answers: dict, body: dict | None = None, params: list | No
     return op
 
 
+def _query(name: str, required: bool = True) -> dict:
+    return {"name": name, "in": "query", "required": required, "schema": {"type": "string"}}
+
+
 def _definitions(kind: str) -> dict:
     search = [FORMAT, *({"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
                         for n in ("url", "version", "_id"))]
@@ -102,6 +106,15 @@ def document() -> dict:
             "/results/{id}": {"get": _op(
                 "A response's results: HTML for a clinician, a Bundle for machines",
                 _answers(200, 401, 404, html=True), params=[ID, FORMAT], security=True)},
+            "/launch": {"get": _op(
+                "SMART App Launch from the EHR: sends the browser to the EHR's authorize endpoint (code, PKCE)",
+                {"302": {"description": "To the EHR's authorization endpoint"}, **_answers(400, 403, 404)},
+                params=[_query("iss"), _query("launch")])},
+            "/launch/callback": {"get": _op(
+                "The EHR's answer to the launch: opens the launched response's results (a short session)",
+                {"303": {"description": "To /results/{id}"}, **_answers(400, 403, 404)},
+                params=[_query("code", required=False), _query("state", required=False),
+                        _query("error", required=False)])},
             "/cds-services": {"get": {"summary": "CDS Hooks 2.0 discovery (open: no patient data)",
                                       "responses": plain}},
             "/cds-services/backpain-screening": {"post": _cds(

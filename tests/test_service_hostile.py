@@ -249,7 +249,8 @@ def test_no_server_error_anywhere_in_the_openapi_document(case):
 def test_the_openapi_document_lists_every_route():
     paths = set(schema.raw_schema["paths"])
     assert {"/metadata", "/QuestionnaireResponse/$extract", "/QuestionnaireResponse", "/QuestionnaireResponse/{id}",
-            "/notify", "/results/{id}", "/healthz", "/readyz", "/metrics"} <= paths
+            "/notify", "/results/{id}", "/healthz", "/readyz", "/metrics", "/Questionnaire/$populate",
+            "/cds-services", "/cds-services/backpain-screening", "/launch", "/launch/callback"} <= paths
 
 
 # -- hypothesis: random JSON-ish bodies --------------------------------------------------------------------------
