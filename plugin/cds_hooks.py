@@ -207,7 +207,7 @@ async def gather(hook: dict, own_store: Store) -> tuple[dict | None, dict[str, d
     prefetched = {key: given[key] for key in QUERIES if key in given}
     server = hook.get("fhirServer")
     if server:
-        token = hook.get("fhirAuthorization", {}).get("access_token")
+        token = (hook.get("fhirAuthorization") or {}).get("access_token")  # null: no token, as if left out
         async with FhirClient(server, token=bearer(token) if token else None, timeout=FHIR_TIMEOUT,
                               retry=FHIR_RETRY) as client:
             try:

@@ -551,6 +551,19 @@ def test_members_the_findings_lacked_are_read_from_the_fhir_server(
     assert "Criteria met (ASAS-endorsed" in detail and "- HLA-B27 positive" in detail
 
 
+def test_a_null_fhir_authorization_is_no_token(client, keys):
+    server = RecordingFhir()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}/fhir"
+        assert cards_of(client, keys, hook(fhirServer=base, fhirAuthorization=None)) == []
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(server.seen) == 3 and {auth for _, auth in server.seen} == {None}
+
+
 def test_an_unreachable_fhir_server_is_a_412(client, keys):
     answer = call(client, keys, hook(fhirServer="http://127.0.0.1:9/fhir"))
     assert answer.status_code == 412
