@@ -194,7 +194,15 @@ def _server_issues(body: dict) -> list[Issue]:
 
 
 def _bundle_or_null(value: Any) -> bool:
-    return value is None or (isinstance(value, dict) and value.get("resourceType") == "Bundle")
+    """Null, or a Bundle whose entries each hold a resource object (what reading its matches relies on)."""
+    if value is None:
+        return True
+    if not isinstance(value, dict) or value.get("resourceType") != "Bundle":
+        return False
+    entries = value.get("entry", [])
+    return isinstance(entries, list) and all(
+        isinstance(e, dict) and isinstance(e.get("resource"), dict) and isinstance(e.get("search", {}), dict)
+        for e in entries)
 
 
 # -- where the data comes from --------------------------------------------------------------------

@@ -269,6 +269,10 @@ def test_the_feedback_endpoint_needs_its_own_audience(client, keys):
       "fhirAuthorization": {"access_token": "t", "token_type": "Bearer"}}, "fhirServer"),
     ({"hook": "patient-view", "hookInstance": "i", "context": {"patientId": "p1", "userId": "Device/x"}},
      "context.userId"),
+    ({"hook": "patient-view", "hookInstance": "i", "context": {"patientId": "p1"},
+      "prefetch": {"outcome": {"resourceType": "Bundle", "entry": [{"fullUrl": "urn:uuid:x"}]}}}, "prefetch.outcome"),
+    ({"hook": "patient-view", "hookInstance": "i", "context": {"patientId": "p1"},
+      "prefetch": {"tasks": {"resourceType": "Bundle", "entry": "none"}}}, "prefetch.tasks"),
 ])
 def test_a_malformed_hook_request_is_a_400_naming_the_field(client, keys, body, where):
     answer = call(client, keys, body)
