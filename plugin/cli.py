@@ -358,8 +358,13 @@ def _batch_upload(args: argparse.Namespace, settings: Settings, lines: Iterator[
                          report=report, progress=bar)
 
     bar = progress_bar(sys.stderr.isatty())
-    asyncio.run(run())
-    bar.close()
+    try:
+        asyncio.run(run())
+    except FhirError as error:  # the store could not be opened (a failed write is counted, never raised)
+        print(f"backpain-screen: {error} Nothing was written.", file=sys.stderr)
+        return EXIT_SERVER
+    finally:
+        bar.close()
     print(f"backpain-screen: {upload_summary(report)}", file=sys.stderr)
     if report.writes[FAILED]:
         print(f"backpain-screen: {report.writes[FAILED]} responses were not written; run the same command again "

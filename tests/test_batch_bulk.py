@@ -318,6 +318,16 @@ def test_upload_reports_each_failed_line_and_exits_non_zero(tmp_path: Path, fhir
     assert "rf-" not in done.stderr and "urgent" not in done.stderr.split("outcomes:")[0]  # no answers
 
 
+def test_upload_to_a_store_that_cannot_be_opened_says_so_in_one_line(tmp_path: Path):
+    """As submit and sync do: exit status 1 and the store's own reason, not a traceback."""
+    path = ndjson(tmp_path / "in.ndjson", [response("qr-urgent.json", "Patient/p1")])
+    (tmp_path / "a-file").write_bytes(b"")
+    done = subprocess.run([*CLI, "batch", str(path), "--upload", "--store", str(tmp_path / "a-file" / "s.sqlite3")],
+                          capture_output=True, cwd=ROOT, timeout=60, check=False, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "The embedded store cannot use" in done.stderr and "Nothing was written" in done.stderr
+
+
 def test_upload_stops_when_the_store_keeps_failing(tmp_path: Path):
     """A dead server: the batch stops after a run of failed writes instead of trying a million lines."""
     path = ndjson(tmp_path / "in.ndjson", [response("qr-urgent.json", f"Patient/p{i}") for i in range(300)])
