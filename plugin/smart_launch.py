@@ -72,8 +72,9 @@ def _base(request: Request, settings: ServiceSettings) -> str:
 
 def _set_cookie(response: Response, request: Request, name: str, value: str, seconds: int, path: str) -> None:
     # Lax is enough: the EHR opens the app in a window of its own (the plugin's pages refuse framing).
-    response.set_cookie(name, value, max_age=seconds, path=path, httponly=True, samesite="lax",
-                        secure=request.url.scheme == "https")
+    # Secure by the public URL: behind a TLS proxy the request itself arrives over plain http.
+    secure = _base(request, service(request).settings).startswith("https://")
+    response.set_cookie(name, value, max_age=seconds, path=path, httponly=True, samesite="lax", secure=secure)
 
 
 async def launch(request: Request) -> Response:

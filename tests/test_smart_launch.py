@@ -161,3 +161,25 @@ def test_launch_is_not_found_when_the_plugin_is_not_a_smart_app(tmp_path: Path):
 
     with TestClient(create_app(ServiceSettings(store_path=tmp_path / "s.sqlite3"))) as client:
         assert client.get("/launch", params={"iss": "x", "launch": "y"}).status_code == 404
+
+
+def test_behind_a_tls_proxy_the_launch_cookie_is_secure(tmp_path: Path):
+    """The proxy speaks plain http to the plugin; the public URL says the browser is on https."""
+    from starlette.testclient import TestClient
+
+    from plugin.app import create_app
+    from plugin.settings import ServiceSettings
+    from tests.cds_keys import JwksServer
+
+    config = {"authorization_endpoint": "https://ehr.example.org/authorize",
+              "token_endpoint": "https://ehr.example.org/token"}
+    with JwksServer({"/fhir/.well-known/smart-configuration": config}).running() as ehr:
+        settings = ServiceSettings(store_path=tmp_path / "s.sqlite3", fhir_base_url=f"{ehr.url}/fhir",
+                                   smart_launch_client_id=LAUNCH_CLIENT, public_url="https://plugin.example.org")
+        with TestClient(create_app(settings), base_url="http://plugin.internal") as client:
+            started = client.get("/launch", params={"iss": f"{ehr.url}/fhir", "launch": "l1"},
+                                 follow_redirects=False)
+    assert started.status_code == 302, started.text
+    assert "redirect_uri=https%3A%2F%2Fplugin.example.org%2Flaunch%2Fcallback" in started.headers["location"]
+    cookie = started.headers["set-cookie"]
+    assert cookie.startswith("backpain_launch=") and "secure" in cookie.lower().split("; ")
