@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from plugin.fhir_client import RETRY_STATUSES, FhirError, RetryPolicy, TokenSource, bearer, retry_after
+from plugin.observability import LOG
 from plugin.settings import DEFAULT_SMART_SCOPES, ServiceSettings
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -147,9 +148,13 @@ class BackendServicesToken:
                                                                       "client_assertion": self.assertion(endpoint)})
         body = _json(answer)
         if answer.status_code != 200 or not isinstance(body.get("access_token"), str):
+            # No status on the FhirError: the FHIR server was never asked. With the token endpoint's (400
+            # invalid_client) serve would answer 422 "the store refused the write" and the caller would drop a
+            # response it should send again once the credentials are fixed; without one it answers 503.
+            _log_refusal("token-refused", answer.status_code, body)
             raise FhirError(f"The authorization server refused the plugin's token request (HTTP "
                             f"{answer.status_code}{_oauth_error(body)}). Check BACKPAIN_SMART_CLIENT_ID, the key "
-                            f"and its kid against what the EHR registered.", answer.status_code)
+                            f"and its kid against what the EHR registered.")
         lifetime = float(body.get("expires_in") or 300)
         self.token = body["access_token"]
         self.renew_at = time.monotonic() + lifetime - min(30.0, lifetime / 10)  # renew shortly before expiry
@@ -160,8 +165,9 @@ class BackendServicesToken:
         config = _json(answer)
         endpoint = config.get("token_endpoint")
         if answer.status_code != 200 or not isinstance(endpoint, str):
+            _log_refusal("discovery-failed", answer.status_code, {})
             raise FhirError(f"SMART discovery failed: {url} answered HTTP {answer.status_code} without a "
-                            f"token_endpoint.", answer.status_code)
+                            f"token_endpoint.")
         methods = config.get("token_endpoint_auth_methods_supported")
         if methods and "private_key_jwt" not in methods:
             raise FhirError(f"The EHR's authorization server does not take private_key_jwt ({url}).")
@@ -206,6 +212,14 @@ def _json(answer: httpx.Response) -> dict:
     except ValueError:
         return {}
     return body if isinstance(body, dict) else {}
+
+
+def _log_refusal(reason: str, status: int, body: dict) -> None:
+    """The operator's clue (the HTTP status and the OAuth error code, never the assertion or a token)."""
+    error = body.get("error")
+    if isinstance(error, str) and error.isascii():
+        reason += f" {error[:40]}"
+    LOG.warning("SMART token request failed", extra={"event": "smart-auth", "reason": reason, "status": status})
 
 
 def _oauth_error(body: dict) -> str:

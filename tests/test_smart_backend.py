@@ -244,3 +244,22 @@ def test_serve_writes_an_ingested_response_to_the_fhir_server_with_smart(smart: 
             == "refer-rheumatology"
     finally:
         stop(process)
+
+
+
+def test_serve_answers_503_not_422_when_no_token_can_be_had(fhir_base_url: str, smart: Setup, tmp_path: Path):
+    """A server without SMART discovery (404) or a refused token is the plugin's own trouble, not the
+    response's: the portal must keep the response and send it again, so 503, never 422."""
+    from starlette.testclient import TestClient
+
+    from plugin.app import create_app
+    from plugin.settings import ServiceSettings
+
+    for base, key in ((fhir_base_url, "rs"), (smart.fhir_url, "wrong")):
+        settings = ServiceSettings(store_path=tmp_path / "unused.sqlite3", fhir_base_url=base,
+                                   smart_client_id="plugin-rs", smart_private_key=str(smart.keys[key]))
+        with TestClient(create_app(settings)) as client:
+            posted = client.post("/QuestionnaireResponse", content=for_patient("qr-refer-asas.json", "Patient/p1"),
+                                 headers={"Content-Type": "application/fhir+json"})
+        assert posted.status_code == 503, posted.text
+        assert posted.headers["Retry-After"] and posted.json()["issue"][0]["code"] == "transient"
