@@ -155,7 +155,7 @@ class BackendServicesToken:
             raise FhirError(f"The authorization server refused the plugin's token request (HTTP "
                             f"{answer.status_code}{_oauth_error(body)}). Check BACKPAIN_SMART_CLIENT_ID, the key "
                             f"and its kid against what the EHR registered.")
-        lifetime = float(body.get("expires_in") or 300)
+        lifetime = _lifetime(body.get("expires_in"))
         self.token = body["access_token"]
         self.renew_at = time.monotonic() + lifetime - min(30.0, lifetime / 10)  # renew shortly before expiry
 
@@ -212,6 +212,15 @@ def _json(answer: httpx.Response) -> dict:
     except ValueError:
         return {}
     return body if isinstance(body, dict) else {}
+
+
+def _lifetime(expires_in: object) -> float:
+    """Seconds the token lasts: `expires_in` (some servers send it as a string), else 300 as SMART suggests."""
+    try:
+        seconds = float(expires_in)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 300.0
+    return seconds if 0 < seconds < float("inf") else 300.0
 
 
 def _log_refusal(reason: str, status: int, body: dict) -> None:

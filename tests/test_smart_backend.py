@@ -263,3 +263,27 @@ def test_serve_answers_503_not_422_when_no_token_can_be_had(fhir_base_url: str, 
                                  headers={"Content-Type": "application/fhir+json"})
         assert posted.status_code == 503, posted.text
         assert posted.headers["Retry-After"] and posted.json()["issue"][0]["code"] == "transient"
+
+
+@pytest.mark.parametrize("expires_in, kept", [("3600", True), ("soon", False), (-5, False), (None, False)])
+def test_an_odd_expires_in_is_read_or_taken_as_300_seconds(expires_in: object, kept: bool, tmp_path: Path):
+    """Some token endpoints send expires_in as a string; a value that is not a lifetime must not crash serve."""
+    asked = []
+
+    def ehr(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        if request.url.path.endswith("smart-configuration"):
+            return httpx.Response(200, json={"token_endpoint": "https://ehr.example.org/token"})
+        return httpx.Response(200, json={"access_token": f"t{len(asked)}", "token_type": "bearer",
+                                         "expires_in": expires_in})
+
+    key = load_signing_key(ec_jwk(tmp_path, "k", kid="k1"))
+    source = BackendServicesToken("https://ehr.example.org/fhir", "c", key, transport=httpx.MockTransport(ehr))
+
+    async def twice() -> tuple[str, str, float]:
+        first = await source()
+        return first, await source(), source.renew_at - time.monotonic()
+
+    first, second, left = asyncio.run(twice())
+    assert first == second and asked.count("/token") == 1  # cached, not fetched on every call
+    assert (3000 < left <= 3600) if kept else (200 < left <= 300)
