@@ -186,6 +186,7 @@ def test_fhir_server_killed_mid_stream_then_restarted_and_synced(tmp_path: Path,
         assert synced.returncode == 0, synced.stderr
         converged = time.monotonic()
         after = on_server(server.base_url).verdict(bodies)
+    assert accepted_before_kill < n, "every response was in before the kill: nothing was killed mid-stream"
     assert after == {"exactly_one": n, "lost": 0, "duplicated": 0, "incomplete": 0}, after
     assert before_sync["duplicated"] == 0  # even before sync: nothing written twice
     fault_report("FHIR server SIGKILLed mid-stream, restarted, sync",
