@@ -33,9 +33,8 @@ import httpx
 import orjson
 
 from tests.fault_processes import FhirServer, rss_kib, serving
+from tests.fhir_helpers import EXAMPLES, ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "questionnaires" / "examples"
 NAMES = ["qr-refer-asas.json", "qr-no-referral.json", "qr-not-applicable.json", "qr-emergency.json",
          "qr-urgent.json", "qr-indeterminate.json", "qr-nice-test-hla-b27.json"]
 REPORT = ROOT / "tests" / "artifacts" / "bench-load.json"
