@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from plugin import cds_auth, cds_cards, formats, smart_launch, systems
+from plugin.api import base_url
 from plugin.building import instant
 from plugin.cds_cards import SERVICE_ID
 from plugin.fhir_client import FhirClient, FhirError, RetryPolicy, bearer, matches
@@ -131,12 +132,6 @@ def verifier(request: Request) -> cds_auth.Verifier:
             issuers = cds_auth.Issuers({})
         found = state.cds_verifier = cds_auth.Verifier(issuers)
     return found
-
-
-def base_url(request: Request) -> str:
-    """How callers reach the service: BACKPAIN_PUBLIC_URL, else what this request was sent to."""
-    public = service(request).settings.public_url
-    return (public or str(request.base_url)).rstrip("/")
 
 
 async def _json_body(request: Request, limit: int) -> Any:

@@ -34,6 +34,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from plugin.api import base_url
 from plugin.fhir_client import FhirError
 from plugin.outcome import invalid
 from plugin.service import service
@@ -66,14 +67,10 @@ def _read(settings: ServiceSettings, token: str | None, purpose: str) -> dict | 
     return claims if claims.get("purpose") == purpose else None
 
 
-def _base(request: Request, settings: ServiceSettings) -> str:
-    return (settings.public_url or str(request.base_url)).rstrip("/")
-
-
 def _set_cookie(response: Response, request: Request, name: str, value: str, seconds: int, path: str) -> None:
     # Lax is enough: the EHR opens the app in a window of its own (the plugin's pages refuse framing).
     # Secure by the public URL: behind a TLS proxy the request itself arrives over plain http.
-    secure = _base(request, service(request).settings).startswith("https://")
+    secure = base_url(request).startswith("https://")
     response.set_cookie(name, value, max_age=seconds, path=path, httponly=True, samesite="lax", secure=secure)
 
 
@@ -92,7 +89,7 @@ async def launch(request: Request) -> Response:
     endpoints = await _endpoints(iss)
     state, verifier = secrets.token_urlsafe(24), secrets.token_urlsafe(48)
     challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-    query = {"response_type": "code", "client_id": client_id, "redirect_uri": f"{_base(request, settings)}"
+    query = {"response_type": "code", "client_id": client_id, "redirect_uri": f"{base_url(request)}"
              "/launch/callback", "scope": SCOPES, "state": state, "aud": iss, "launch": launch_id,
              "code_challenge": challenge, "code_challenge_method": "S256"}
     response = RedirectResponse(f"{endpoints['authorization_endpoint']}?{urlencode(query)}", status_code=302)
@@ -120,7 +117,7 @@ async def callback(request: Request) -> Response:
     if not isinstance(patient, str) or not patient:
         raise invalid("required", "The EHR gave no patient with the launch.", status=403)
     qr_id = await _response_id(svc, patient, context.get("appContext"))
-    response = RedirectResponse(f"{_base(request, settings)}/results/{qr_id}", status_code=303)
+    response = RedirectResponse(f"{base_url(request)}/results/{qr_id}", status_code=303)
     session = _sign(settings, {"patient": patient, "questionnaireResponse": qr_id}, SESSION_SECONDS, "session")
     _set_cookie(response, request, SESSION_COOKIE, session, SESSION_SECONDS, "/results")
     response.delete_cookie(LAUNCH_COOKIE, path="/launch")
@@ -160,7 +157,7 @@ async def _endpoints(iss: str) -> dict[str, str]:
 
 async def _exchange(request: Request, settings: ServiceSettings, pending: dict, code: str) -> dict[str, Any]:
     form = {"grant_type": "authorization_code", "code": code, "code_verifier": pending["verifier"],
-            "redirect_uri": f"{_base(request, settings)}/launch/callback", "client_id": settings.smart_launch_client_id}
+            "redirect_uri": f"{base_url(request)}/launch/callback", "client_id": settings.smart_launch_client_id}
     form.update(_client_assertion(settings, pending["token_endpoint"]))
     try:
         async with httpx.AsyncClient(timeout=TIMEOUT) as http:
