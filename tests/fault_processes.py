@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.fhir_helpers import NODE, ROOT, SERVER_DIR, START_TIMEOUT, free_port, install_server, wait_until_ready
+from tests.fhir_helpers import CLI, NODE, ROOT, SERVER_DIR, START_TIMEOUT, free_port, install_server, wait_until_ready
 
 NOTIFY_SECRET = "fault-suite-notify-secret"
 
@@ -91,7 +91,7 @@ class Service:
         self.home, self.port = home, free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = home / "serve.log"
-        command = [sys.executable, "-m", "plugin.cli", "serve", "--port", str(self.port), *flags]
+        command = [*CLI, "serve", "--port", str(self.port), *flags]
         with self.log.open("ab") as sink:
             self.process = subprocess.Popen(command, cwd=ROOT, env=serve_env(home, **env), stdout=sink,
                                             stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec)
@@ -124,7 +124,7 @@ def faults(proxy_url: str) -> dict:
 
 def run_cli(*args: str, home: Path, stdin: bytes | None = None, timeout: float = 300,
             preexec: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "plugin.cli", *args], input=stdin, capture_output=True, cwd=ROOT,
+    return subprocess.run([*CLI, *args], input=stdin, capture_output=True, cwd=ROOT,
                           env=serve_env(home), timeout=timeout, check=False, preexec_fn=preexec)
 
 

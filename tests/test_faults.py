@@ -15,7 +15,6 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -34,7 +33,7 @@ from tests.fault_processes import (
     serving,
     wait_for,
 )
-from tests.fhir_helpers import ROOT, for_patient
+from tests.fhir_helpers import CLI, ROOT, for_patient, total
 from tests.result_sets import in_store, on_server
 
 EXAMPLES = ["qr-refer-asas.json", "qr-no-referral.json", "qr-not-applicable.json", "qr-emergency.json",
@@ -209,12 +208,12 @@ def test_sync_killed_midway_then_rerun_completes_without_duplicates(tmp_path: Pa
         put_all(server.base_url, bodies)
         state = tmp_path / "sync-state.json"
         with (tmp_path / "sync.log").open("wb") as log:
-            first = subprocess.Popen([sys.executable, "-m", "plugin.cli", "sync", "--fhir-base-url",
+            first = subprocess.Popen([*CLI, "sync", "--fhir-base-url",
                                       server.base_url, "--state", str(state)], cwd=ROOT, env=serve_env(tmp_path),
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         with client(server.base_url) as fhir:
             def written() -> int:
-                return fhir.get("/Observation", params={"_summary": "count"}).json()["total"] // 7
+                return total(fhir, "Observation") // 7
 
             # in the second page: the first page's watermark saved, transactions of the second in flight
             assert wait_for(lambda: state.exists() and written() >= n * 5 // 8, timeout=120, every=0.05)
@@ -395,7 +394,7 @@ def test_twenty_at_once_on_the_fhir_server_through_serve_and_through_submit(tmp_
         body = for_patient("qr-emergency.json", patient)
         statuses, locations = summary(stampede(f"{svc.base_url}/QuestionnaireResponse", body))
         again = for_patient("qr-emergency.json", patient)
-        processes = [subprocess.Popen([sys.executable, "-m", "plugin.cli", "submit", "-", "--fhir-base-url",
+        processes = [subprocess.Popen([*CLI, "submit", "-", "--fhir-base-url",
                                        server.base_url], cwd=ROOT, env=serve_env(tmp_path), stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(SUBMITS)]
         for process in processes:  # all started (importing takes longer than this), then all fed at once

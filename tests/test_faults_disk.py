@@ -18,7 +18,6 @@ import itertools
 import os
 import resource
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import orjson
 import pytest
 
 from tests.fault_processes import run_cli, serve_env, serving
-from tests.fhir_helpers import ROOT, for_patient, free_port
+from tests.fhir_helpers import CLI, ROOT, for_patient, free_port
 from tests.result_sets import in_store, integrity
 
 LIMIT = 1 << 20  # bytes: the whole "disk"
@@ -177,7 +176,7 @@ def test_a_read_only_store_is_a_clear_error_and_recovers(disk: Disk, tmp_path: P
     try:
         cli_said = assert_clear_cli_failure(run_cli("submit", "-", "--store", str(store), stdin=body,
                                                     home=tmp_path), *causes)
-        refused = subprocess.run([sys.executable, "-m", "plugin.cli", "serve", "--port", str(free_port()),
+        refused = subprocess.run([*CLI, "serve", "--port", str(free_port()),
                                   "--store", str(store)], cwd=ROOT, env=serve_env(tmp_path), capture_output=True,
                                  timeout=120, check=False)
         serve_said = refused.stderr.decode()
