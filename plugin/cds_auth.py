@@ -31,13 +31,14 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
 from jwt.exceptions import PyJWKError, PyJWTError
 
 from plugin.observability import LOG
-from plugin.security import refused
+from plugin.security import loopback, refused
 
 ALGORITHMS = {"RS384": ("RSA", None), "ES384": ("EC", "P-384")}  # alg -> (kty, crv) its key must have
 JWKS_TTL = 300.0  # seconds a fetched JWK Set is trusted before it is fetched again
@@ -71,6 +72,9 @@ class Issuers:
             issuer, bar, url = entry.strip().rpartition("|")
             if not bar or not issuer or not url.startswith(("https://", "http://")):
                 raise ValueError("BACKPAIN_CDS_ISSUERS entries are `issuer|jwks_url`, separated by commas.")
+            if url.startswith("http://") and not loopback(urlsplit(url).hostname or ""):
+                # whoever sits on the network path could hand us their own keys, and sign any call
+                raise ValueError("BACKPAIN_CDS_ISSUERS: a JWK Set URL must be https (plain http only on this machine).")
             found.setdefault(issuer, []).append(url)
         return cls({issuer: tuple(urls) for issuer, urls in found.items()})
 

@@ -126,9 +126,9 @@ def verifier(request: Request) -> cds_auth.Verifier:
     if found is None:
         try:
             issuers = cds_auth.Issuers.parse(service(request).settings.cds_issuers)
-        except ValueError:
-            LOG.error("BACKPAIN_CDS_ISSUERS is malformed: every CDS Hooks call is refused",
-                      extra={"event": "cds-auth", "reason": "issuers-setting"})
+        except ValueError as error:  # the setting's text names no secret: say what is wrong with it
+            LOG.error(f"{error} Every CDS Hooks call is refused.", extra={"event": "cds-auth",
+                                                                          "reason": "issuers-setting"})
             issuers = cds_auth.Issuers({})
         found = state.cds_verifier = cds_auth.Verifier(issuers)
     return found

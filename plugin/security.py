@@ -8,6 +8,7 @@ refusal says only that access was refused: never which part was wrong.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,6 +31,19 @@ PAGE_HEADERS = {
 # FHIR answers carry patient data too: no shared cache may keep them.
 API_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
 STATIC_HEADERS = {"X-Content-Type-Options": "nosniff"}
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
+
+
+def loopback(host: str) -> bool:
+    """This machine: the only place plain http may carry a secret or a key without crossing a network."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def same(given: str | None, expected: str) -> bool:

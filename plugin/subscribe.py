@@ -22,12 +22,12 @@ from urllib.parse import urlsplit
 
 from plugin import data, systems
 from plugin.fhir_client import FHIR_JSON, FhirClient
+from plugin.security import loopback
 from plugin.sync import STATUSES
 
 TAG_SYSTEM = f"{systems.BASE}/subscription"  # code: the Questionnaire's id (its canonical URL's last segment)
 SECRET_HEADER = "X-Notification-Secret"
 LIVE = frozenset({"requested", "active"})  # what the server may make of `requested`: nothing to change
-LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
 PRIVATE_SUFFIXES = (".svc", ".cluster.local", ".internal", ".local", ".lan", ".home.arpa")
 HIDDEN = "(hidden)"
 
@@ -71,7 +71,7 @@ def check_endpoint(endpoint: str, allow_http: bool = False) -> tuple[str, str | 
     if parts.query or parts.fragment:
         raise ValueError("the endpoint must have no query or fragment: the server appends "
                          "/QuestionnaireResponse/{id} to it")
-    if parts.scheme == "https" or _loopback(parts.hostname):
+    if parts.scheme == "https" or loopback(parts.hostname):
         return endpoint.rstrip("/"), None
     if not (allow_http or _private(parts.hostname)):
         raise ValueError("the endpoint is plain http to another machine, so the notification secret would "
@@ -97,15 +97,6 @@ def _private(host: str) -> bool:
         return ipaddress.ip_address(host).is_private
     except ValueError:
         return "." not in host or host.lower().endswith(PRIVATE_SUFFIXES)
-
-
-def _loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def wanted(endpoint: str, secret: str) -> list[tuple[str, dict]]:

@@ -241,6 +241,17 @@ def test_with_no_issuer_configured_every_call_is_refused(make_client, keys):
         assert call(closed, keys, hook()).status_code == 401
 
 
+def test_a_jwk_set_is_trusted_over_https_or_on_this_machine_only(make_client, keys):
+    """Over plain http across a network, whoever is on the path could serve their own keys."""
+    assert cds_auth.Issuers.parse([f"{ISSUER}|https://ehr.example.org/jwks", f"{ISSUER}|http://localhost:8/k",
+                                   f"{ISSUER}|http://[::1]:8/k"]).jwks[ISSUER][0] == "https://ehr.example.org/jwks"
+    for url in ("http://ehr.example.org/jwks", "http://10.0.0.5/jwks"):
+        with pytest.raises(ValueError, match="must be https"):
+            cds_auth.Issuers.parse([f"{ISSUER}|{url}"])
+    with make_client(cds_issuers=(f"{ISSUER}|http://ehr.example.org/jwks",)) as plain:
+        assert call(plain, keys, hook()).status_code == 401
+
+
 def test_aud_is_the_public_url_when_one_is_set(make_client, keys):
     with make_client(public_url="https://screen.example.org/") as behind_proxy:
         assert call(behind_proxy, keys, hook(), aud=f"https://screen.example.org{SERVICE}").status_code == 200
