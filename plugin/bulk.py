@@ -138,18 +138,31 @@ def manifest_files(path: Path) -> tuple[list[str], int]:
     return files, len(outputs) - len(wanted)
 
 
-def lines(inputs: list[str], limit: int) -> Iterator[Line]:
-    """Every line of every input, in order."""
+def lines(inputs: list[str], limit: int, unreadable: list[str] | None = None) -> Iterator[Line]:
+    """Every line of every input, in order.
+
+    An input that breaks off (a truncated or corrupt gzip, a read error) raises BadInput; given a list
+    `unreadable`, it is said there instead and the next input is read, so every line that could be read
+    is scored (a partial download of one export file does not stop the others).
+    """
     ordinal = 0
     for name in inputs:
-        with _open(name) as source:
-            for number, text in enumerate(read_lines(source, limit), start=1):
-                yield Line(name, number, ordinal, text)
-                ordinal += 1
+        number = 0
+        try:
+            with _open(name) as source:
+                for number, text in enumerate(read_lines(source, limit), start=1):
+                    yield Line(name, number, ordinal, text)
+                    ordinal += 1
+        except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+            problem = f"cannot read {name} past line {number}: {getattr(error, 'strerror', None) or error}"
+            if unreadable is None:
+                raise BadInput(problem) from None
+            unreadable.append(problem)
 
 
-def owned(inputs: list[str], limit: int, partition: Partition = WHOLE) -> Iterator[Line]:
-    return (line for line in lines(inputs, limit) if partition.owns(line))
+def owned(inputs: list[str], limit: int, partition: Partition = WHOLE,
+          unreadable: list[str] | None = None) -> Iterator[Line]:
+    return (line for line in lines(inputs, limit, unreadable) if partition.owns(line))
 
 
 def check_readable(inputs: list[str]) -> None:

@@ -325,9 +325,16 @@ def _batch(args: argparse.Namespace, settings: Settings) -> int:
     if other_files:
         print(f"backpain-screen: {other_files} files of other resource types in the manifest are not read.",
               file=sys.stderr)
-    lines = owned(inputs, settings.max_body_bytes, partition)
-    if args.upload:
-        return _batch_upload(args, settings, lines)
+    unreadable: list[str] = []  # inputs that broke off (a truncated gzip): the others are still scored
+    lines = owned(inputs, settings.max_body_bytes, partition, unreadable)
+    status = (_batch_upload if args.upload else _batch_ndjson)(args, settings, lines)
+    for problem in unreadable:
+        print(f"backpain-screen: {problem}; the lines before that were scored, the rest of that file was not.",
+              file=sys.stderr)
+    return status or (EXIT_BAD_INPUT if unreadable else 0)
+
+
+def _batch_ndjson(args: argparse.Namespace, settings: Settings, lines: Iterator[Line]) -> int:
     with ExitStack() as stack:
         try:
             sink = _open(stack, args.output or "-", "wb", sys.stdout.buffer)

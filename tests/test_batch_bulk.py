@@ -152,6 +152,21 @@ def test_manifest_gzip_and_partitions_score_each_response_once(tmp_path: Path):
     assert reported.count("QuestionnaireResponse.2.ndjson:31: not scored: The body is not valid JSON") == 1
 
 
+def test_a_truncated_gzip_input_is_reported_and_the_rest_still_scored(tmp_path: Path):
+    """A download cut short: what could be read of it, and every other input, is scored; exit status 2."""
+    qrs = [response("qr-refer-asas.json", f"Patient/p{i}") for i in range(300)]
+    zipped = gzip.compress(b"".join(orjson.dumps(qr) + b"\n" for qr in qrs[:200]))
+    (tmp_path / "cut.ndjson.gz").write_bytes(zipped[:len(zipped) // 2])
+    whole = ndjson(tmp_path / "whole.ndjson", qrs[200:])
+    for flags in (["-o", str(tmp_path / "out.ndjson")], ["--upload", "--store", str(tmp_path / "s.sqlite3")]):
+        done = subprocess.run([*CLI, "batch", str(tmp_path / "cut.ndjson.gz"), str(whole), *flags],
+                              capture_output=True, cwd=ROOT, timeout=120, check=False, text=True)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        read = int(done.stderr.split("cut.ndjson.gz past line ")[1].split(":")[0])
+        assert 0 < read < 200 and f"{read + 100} responses" in done.stderr, done.stderr
+    assert len((tmp_path / "out.ndjson").read_bytes().splitlines()) == read + 100
+
+
 def test_cli_partitions_from_standard_input_and_bad_flags(tmp_path: Path):
     qrs = [response("qr-refer-asas.json", f"Patient/p{i}") for i in range(40)]
     body = gzip.compress(b"".join(orjson.dumps(qr) + b"\n" for qr in qrs))
