@@ -15,7 +15,8 @@ A Task already accepted (or in progress, on hold) has had its decision, so it
 makes no card: the EHR's worklist follows it from there. A Task still
 awaiting a decision from an earlier screening keeps its card even when the
 latest screening is benign (a decision is still owed), but drops to `info`
-then and says what the latest screening found.
+then (a red-flag review to `warning`: one nobody took up is a safety gap)
+and says what the latest screening found.
 
 A Task's card has the Task's identifier (a UUIDv5) as its `uuid`, so the
 feedback endpoint finds the Task from the card alone.
@@ -192,7 +193,9 @@ def task_card(task: dict, kind: Kind, latest: str | None, outcome: dict | None, 
         label = task.get("code", {}).get("text") or kind.name
         summary = f"Earlier back-pain screening{_on(task.get('authoredOn'))} awaits a decision: {label}"
         if latest in BENIGN:
-            indicator = "info"  # the latest screening found nothing: a decision is still owed, but not urgently
+            # The latest screening found nothing: a referral or test decision is still owed, but not urgently.
+            # A red-flag review nobody took up is a safety gap whatever came later: it stays a warning.
+            indicator = "warning" if kind.name.endswith("-review") else "info"
     reason = reason_member(members, kind) if from_latest else None
     ident = task_identifier(task) or ""
     card: dict[str, Any] = {

@@ -372,6 +372,14 @@ def test_an_earlier_task_still_awaiting_a_decision_after_a_benign_screening_is_i
     assert "No referral indicated" in card["detail"]
 
 
+def test_an_earlier_red_flag_review_nobody_took_up_stays_a_warning_after_a_benign_screening(client, keys):
+    ingest(client, example("qr-emergency.json", "Patient/p1", authored="2026-10-01T09:00:00Z"))
+    ingest(client, example("qr-no-referral.json", "Patient/p1", authored="2026-11-20T09:00:00Z"))
+    (card,) = cards_of(client, keys, hook())
+    check_card(card)
+    assert card["indicator"] == "warning" and card["summary"].startswith("Earlier back-pain screening")
+
+
 def test_a_task_already_accepted_makes_no_card(client, keys):
     ingest(client, example("qr-refer-asas.json", "Patient/p1"))
     (card,) = cards_of(client, keys, hook())
