@@ -107,8 +107,8 @@ async def upload(lines: Iterable[Line], store: Store, settings: Settings, *, wor
         async with aclosing(_scored(lines, settings, workers)) as scored_lines:
             async for line, scored in scored_lines:
                 if breaker.tripped:
-                    report.halted = (f"stopped after {breaker.limit} writes in a row failed (the store unreachable "
-                                     f"or failing); the rest of the input was not read")
+                    report.halted = (f"stopped after {breaker.limit} writes in a row failed (the store unreachable, "
+                                     f"failing or overloaded); the rest of the input was not read")
                     break
                 if _to_write(line, scored, report):
                     await queue.put((line, scored))
@@ -196,7 +196,7 @@ class _Breaker:
         self.in_row = 0
 
     def failed(self, status: int | None) -> None:
-        if status is None or status >= 500:
+        if status is None or status == 429 or status >= 500:  # unreachable, failing, or overloaded for good
             self.in_row += 1
             self.tripped = self.tripped or self.in_row >= self.limit
         else:

@@ -37,6 +37,7 @@ from plugin.sqlite_store import SqliteStore
 from plugin.store import Store
 from plugin.upload import FAILED, NOTHING, UNCHANGED, WRITTEN, upload
 from plugin.writeback import prepare
+from tests.fault_processes import fault_proxy
 from tests.fhir_helpers import CLI, EXAMPLES, ROOT, free_port, total
 
 T = TypeVar("T")
@@ -357,6 +358,21 @@ def test_upload_stops_when_the_store_keeps_failing(tmp_path: Path):
     assert report.halted and "20 writes in a row failed" in report.halted
     assert 20 <= report.writes[FAILED] < 100 and not report.writes[WRITTEN]
     assert "in.ndjson:1: not written: The FHIR server at" in report.stream.getvalue()
+
+
+def test_upload_stops_when_the_server_keeps_answering_429(tmp_path: Path):
+    """Overloaded for good (429 after every retry) is no better than dead: a million lines would take days."""
+    path = ndjson(tmp_path / "in.ndjson", [response("qr-urgent.json", f"Patient/p{i}") for i in range(300)])
+    report = Report(io.StringIO())
+
+    async def go(proxy: str) -> None:
+        async with FhirClient(proxy, retry=RetryPolicy(attempts=1)) as busy:
+            await upload(owned([str(path)], LIMIT), busy, Settings(), concurrency=4, report=report)
+
+    with fault_proxy(f"http://127.0.0.1:{free_port()}", "429") as proxy:  # never forwards: no server needed
+        run(go(proxy))
+    assert report.halted and "20 writes in a row failed" in report.halted
+    assert 20 <= report.writes[FAILED] < 100 and not report.writes[WRITTEN]
 
 
 # -- SIGKILL in the middle of an upload -----------------------------------------------------------------------
