@@ -335,13 +335,20 @@ def _batch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _batch_ndjson(args: argparse.Namespace, settings: Settings, lines: Iterator[Line]) -> int:
-    with ExitStack() as stack:
-        try:
-            sink = _open(stack, args.output or "-", "wb", sys.stdout.buffer)
-        except OSError as error:
-            print(f"backpain-screen: cannot open {error.filename}: {error.strerror}.", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        counts = run_batch(lines, sink, settings, args.workers, progress=sys.stderr.isatty())
+    try:
+        with ExitStack() as stack:  # closing the file is a write too: a failure there lands below as well
+            try:
+                sink = _open(stack, args.output or "-", "wb", sys.stdout.buffer)
+            except OSError as error:
+                print(f"backpain-screen: cannot open {error.filename}: {error.strerror}.", file=sys.stderr)
+                return EXIT_BAD_INPUT
+            counts = run_batch(lines, sink, settings, args.workers, progress=sys.stderr.isatty())
+    except BrokenPipeError:
+        raise  # the reader went away: main() stops quietly
+    except OSError as error:  # a full disk: the output is incomplete, and says so
+        print(f"backpain-screen: cannot write {args.output or 'standard output'}: {error.strerror}; "
+              "the output is incomplete.", file=sys.stderr)
+        return EXIT_SERVER
     print(f"backpain-screen: {summary(counts)}", file=sys.stderr)
     return 0
 

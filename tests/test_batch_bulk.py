@@ -168,6 +168,14 @@ def test_a_truncated_gzip_input_is_reported_and_the_rest_still_scored(tmp_path: 
     assert len((tmp_path / "out.ndjson").read_bytes().splitlines()) == read + 100
 
 
+def test_output_on_a_full_disk_is_a_clear_error(tmp_path: Path):
+    path = ndjson(tmp_path / "in.ndjson", [response("qr-urgent.json", "Patient/p1")])
+    done = subprocess.run([*CLI, "batch", str(path), "-o", "/dev/full"], capture_output=True, cwd=ROOT, timeout=60,
+                          check=False, text=True)  # /dev/full: every write fails with ENOSPC
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "cannot write /dev/full: No space left on device; the output is incomplete" in done.stderr
+
+
 def test_cli_partitions_from_standard_input_and_bad_flags(tmp_path: Path):
     qrs = [response("qr-refer-asas.json", f"Patient/p{i}") for i in range(40)]
     body = gzip.compress(b"".join(orjson.dumps(qr) + b"\n" for qr in qrs))
