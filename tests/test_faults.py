@@ -39,6 +39,7 @@ from tests.result_sets import in_store, on_server
 EXAMPLES = ["qr-refer-asas.json", "qr-no-referral.json", "qr-not-applicable.json", "qr-emergency.json",
             "qr-urgent.json", "qr-indeterminate.json", "qr-nice-test-hla-b27.json"]
 JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+GIVE_UP = 180  # seconds a caller keeps retrying one response: a fault that never clears fails, never hangs, the run
 
 
 def client(base_url: str) -> httpx.Client:
@@ -127,18 +128,21 @@ class Portal:
         self.lock = threading.Lock()
 
     def put(self, fhir: httpx.Client, qr_id: str) -> None:
-        while True:
+        deadline = time.monotonic() + GIVE_UP
+        while time.monotonic() < deadline:  # a server that never takes it fails the test instead of hanging it
             try:
                 answer = fhir.put(f"/QuestionnaireResponse/{qr_id}", content=self.bodies[qr_id])
                 if answer.status_code in (200, 201):
                     with self.lock:
                         self.accepted += 1
                     return
+                assert answer.status_code >= 500, answer.text  # refused, not down: retrying will not help
             except httpx.TransportError:
                 pass
             with self.lock:
                 self.retries += 1
             time.sleep(0.05)
+        raise AssertionError(f"QuestionnaireResponse/{qr_id} not taken within {GIVE_UP} s")
 
     def run(self) -> None:
         ids = list(self.bodies)
@@ -246,8 +250,9 @@ SCRIPT = ",".join(["pass,pass,pass,500", "pass,pass,pass,reset", "pass,pass,pass
 
 def ingest_until_taken(base_url: str, body: bytes, counts: Counter) -> int:
     """POSTs a response to `serve` until it is taken (a 5xx means: not written, try again later)."""
+    deadline = time.monotonic() + GIVE_UP
     with httpx.Client(timeout=60) as http:
-        while True:
+        while time.monotonic() < deadline:
             answer = http.post(f"{base_url}/QuestionnaireResponse", content=body, headers=JSON)
             if answer.status_code in (200, 201):
                 return answer.status_code
@@ -255,6 +260,7 @@ def ingest_until_taken(base_url: str, body: bytes, counts: Counter) -> int:
             assert answer.json()["resourceType"] == "OperationOutcome"
             counts[answer.status_code] += 1
             time.sleep(0.2)
+    raise AssertionError(f"not taken within {GIVE_UP} s")
 
 
 def test_latency_errors_and_resets_between_the_plugin_and_the_server(tmp_path: Path, fault_report):
