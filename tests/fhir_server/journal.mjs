@@ -5,7 +5,7 @@
 // with each new version (`put`) or delete (`deleted`) it made, so a transaction is one line, all or
 // nothing. One write(2) per line: a kill -9 leaves whole lines (the page cache keeps them; no fsync,
 // so a power cut may not). At start the lines are replayed into the repository as they were: same ids,
-// versions, lastUpdated. A torn last line (killed mid-write) is skipped.
+// versions, lastUpdated. A torn last line (killed mid-write) is skipped and cut off.
 import fs from 'node:fs';
 
 export class Journal {
@@ -30,10 +30,19 @@ function* commits(path) {
   }
 }
 
+// Cuts a torn last line off, so the next commit starts a line of its own instead of being glued to it
+// (and then skipped, as part of a damaged line, at the next start).
+function dropTornEnd(path) {
+  if (!fs.existsSync(path)) return;
+  const text = fs.readFileSync(path);
+  if (text.length && text[text.length - 1] !== 0x0a) fs.truncateSync(path, text.lastIndexOf(0x0a) + 1);
+}
+
 // Replays what DATA_FILE holds into `repo`, then journals every commit from now on.
 export function persist(repo, path) {
   for (const commit of commits(path)) {
     for (const entry of commit) repo.restore(entry);
   }
+  dropTornEnd(path);
   repo.persist = new Journal(path);
 }
