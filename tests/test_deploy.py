@@ -262,6 +262,23 @@ def test_the_build_context_holds_what_the_dockerfile_copies() -> None:
             assert source in allowed and (ROOT / source).exists(), source
 
 
+def test_the_image_pins_every_runtime_dependency_within_pyproject_ranges() -> None:
+    """deploy/constraints.txt: each dependency pyproject.toml names is pinned, to a version its range allows."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pinned = dict(line.split("==") for line in (DEPLOY / "constraints.txt").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    pinned = {canonicalize_name(name): version for name, version in pinned.items()}
+    for spec in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        wanted = Requirement(spec)
+        name = canonicalize_name(wanted.name)
+        assert name in pinned, f"deploy/constraints.txt does not pin {name}"
+        assert wanted.specifier.contains(pinned[name]), f"{name}=={pinned[name]} is outside {wanted.specifier}"
+
+
 # --- compose -------------------------------------------------------------------------------------------------
 
 
