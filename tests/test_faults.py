@@ -348,10 +348,10 @@ def test_a_429_storm_on_concurrent_write_backs_is_waited_out(tmp_path: Path, fau
         with client(server.base_url) as fhir:
             bodies = responses(new_patients(fhir, 3), n)
         refused: Counter = Counter()
+        # The storm starts before the first caller: on a quiet machine all 30 are written within a second.
+        httpx.put(f"{proxy}/__faults", params={"script": "429"}, timeout=10)
         with concurrent.futures.ThreadPoolExecutor(callers) as pool:
             ingesting = [pool.submit(ingest_until_taken, service.base_url, body, refused) for body in bodies.values()]
-            time.sleep(1.0)
-            httpx.put(f"{proxy}/__faults", params={"script": "429"}, timeout=10)
             time.sleep(storm)
             httpx.put(f"{proxy}/__faults", params={"script": "pass"}, timeout=10)
             assert all(f.result(timeout=120) in (200, 201) for f in ingesting)
