@@ -165,20 +165,28 @@ class FhirClient:
 
     async def _send(self, method: str, url: str, content: bytes | None, params: dict[str, str] | None,
                     headers: dict[str, str]) -> httpx.Response:
-        for attempt in range(self.retry.attempts):
-            last_try = attempt == self.retry.attempts - 1
-            try:
-                response = await self.http.request(method, url, content=content, params=params, headers=headers)
-            except httpx.TransportError as error:
-                if last_try:
-                    raise FhirError(f"The FHIR server at {self.base_url} could not be reached: "
-                                    f"{type(error).__name__}.") from None
-                await asyncio.sleep(self.retry.delay(attempt, None))
-                continue
-            if response.status_code not in RETRY_STATUSES or last_try:
-                return response
-            await asyncio.sleep(self.retry.delay(attempt, retry_after(response)))
-        raise AssertionError("unreachable")  # the loop always returns or raises on its last try
+        return await with_retries(
+            self.retry, lambda: self.http.request(method, url, content=content, params=params, headers=headers),
+            f"The FHIR server at {self.base_url}")
+
+
+async def with_retries(retry: RetryPolicy, send: Callable[[], Awaitable[httpx.Response]],
+                       server: str) -> httpx.Response:
+    """`send()` again after backoff on 429, 5xx and connection failures, honouring Retry-After; the last
+    answer is returned whatever it is, a server never reached is a FhirError naming `server`."""
+    for attempt in range(retry.attempts):
+        last_try = attempt == retry.attempts - 1
+        try:
+            response = await send()
+        except httpx.TransportError as error:
+            if last_try:
+                raise FhirError(f"{server} could not be reached: {type(error).__name__}.") from None
+            await asyncio.sleep(retry.delay(attempt, None))
+            continue
+        if response.status_code not in RETRY_STATUSES or last_try:
+            return response
+        await asyncio.sleep(retry.delay(attempt, retry_after(response)))
+    raise AssertionError("unreachable")  # the loop always returns or raises on its last try
 
 
 def matches(searchset: dict | None) -> Iterator[dict]:

@@ -34,7 +34,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from plugin.fhir_client import RETRY_STATUSES, FhirError, RetryPolicy, TokenSource, bearer, retry_after
+from plugin.fhir_client import FhirError, RetryPolicy, TokenSource, bearer, with_retries
 from plugin.observability import LOG
 from plugin.settings import DEFAULT_SMART_SCOPES, ServiceSettings
 
@@ -174,21 +174,9 @@ class BackendServicesToken:
         return endpoint
 
     async def _send(self, http: httpx.AsyncClient, method: str, url: str, form: Any) -> httpx.Response:
-        """One request, retried like the FHIR client's on 429, 5xx and connection failures."""
-        for attempt in range(self.retry.attempts):
-            last_try = attempt == self.retry.attempts - 1
-            try:
-                answer = await http.request(method, url, data=form() if form else None)
-            except httpx.TransportError as error:
-                if last_try:
-                    raise FhirError(f"The authorization server at {url} could not be reached: "
-                                    f"{type(error).__name__}.") from None
-                await asyncio.sleep(self.retry.delay(attempt, None))
-                continue
-            if answer.status_code not in RETRY_STATUSES or last_try:
-                return answer
-            await asyncio.sleep(self.retry.delay(attempt, retry_after(answer)))
-        raise AssertionError("unreachable")
+        """One request, retried like the FHIR client's; `form()` is called per try (a fresh assertion each)."""
+        return await with_retries(self.retry, lambda: http.request(method, url, data=form() if form else None),
+                                  f"The authorization server at {url}")
 
 
 def token_source(settings: ServiceSettings, timeout: float = 30.0) -> TokenSource | None:
