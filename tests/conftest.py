@@ -28,11 +28,15 @@ def fhir_base_url() -> Iterator[str]:
         yield base_url
 
 
+def fhir_client(base_url: str) -> httpx.Client:
+    """A plain HTTP client on a test server, for setting up and looking at what the plugin did."""
+    headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+    return httpx.Client(base_url=base_url, headers=headers, timeout=30)
+
+
 @pytest.fixture
 def fhir(fhir_base_url: str) -> Iterator[httpx.Client]:
-    """A plain HTTP client on the test server, for setting up and looking at what the plugin did."""
-    headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
-    with httpx.Client(base_url=fhir_base_url, headers=headers, timeout=30) as client:
+    with fhir_client(fhir_base_url) as client:
         yield client
 
 

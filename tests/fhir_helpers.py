@@ -106,19 +106,28 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @contextmanager
+def node_server(folder: Path, env: dict[str, str], ready_path: str, what: str, quiet: bool = False) -> Iterator[str]:
+    """`server.mjs` in `folder` on the Node 22 binary, on a port it picks and names at the end of its first
+    output line; its base URL once `ready_path` answers. Stopped on leaving."""
+    install_server()  # brings the Node binary
+    process = subprocess.Popen([str(NODE), "server.mjs"], cwd=folder, env={**os.environ, "PORT": "0", **env},
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL if quiet else None,
+                               text=True)
+    try:
+        first_line = process.stdout.readline() if process.stdout else ""
+        port = re.search(r":(\d+)$", first_line.strip())
+        if not port:
+            raise RuntimeError(f"the {what} did not say where it listens: {first_line!r}")
+        base_url = f"http://127.0.0.1:{port.group(1)}"
+        wait_until_ready(f"{base_url}{ready_path}", process, START_TIMEOUT)
+        yield base_url
+    finally:
+        stop(process)
+
+
+@contextmanager
 def local_fhir_server(env: dict[str, str] | None = None) -> Iterator[str]:
     """The local test server (tests/fhir_server/), installed on first use, on a free port (unless `env` gives a
     PORT; `env` may also set AUTH_ISSUER and the like, see its README); its base URL."""
-    install_server()
-    server = subprocess.Popen([str(NODE), "server.mjs"], cwd=SERVER_DIR, env={**os.environ, "PORT": "0", **(env or {})},
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        first_line = server.stdout.readline() if server.stdout else ""
-        port = re.search(r":(\d+)$", first_line.strip())
-        if not port:
-            raise RuntimeError(f"the test FHIR server did not say where it listens: {first_line!r}")
-        base_url = f"http://127.0.0.1:{port.group(1)}"
-        wait_until_ready(f"{base_url}/metadata", server, START_TIMEOUT)
+    with node_server(SERVER_DIR, env or {}, "/metadata", "test FHIR server") as base_url:
         yield base_url
-    finally:
-        stop(server)

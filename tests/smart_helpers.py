@@ -8,9 +8,6 @@ lifetime `ttl`) and stops it afterwards.
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,10 +18,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from plugin.smart_auth import SigningKey, load_signing_key, public_jwks
-from tests.fhir_helpers import NODE, install_server, npm_install, stop, wait_until_ready
+from tests.fhir_helpers import node_server, npm_install
 
 OAUTH_DIR = Path(__file__).resolve().parent / "oauth_server"
-START_TIMEOUT = 60
 
 
 @dataclass(frozen=True)
@@ -40,22 +36,11 @@ class AuthServer:
 
 @contextmanager
 def authorization_server(audience: str, clients: list[dict], ttl: int = 300) -> Iterator[AuthServer]:
-    install_server()  # brings the Node 22 binary both servers run on
     npm_install(OAUTH_DIR)
-    env = {**os.environ, "PORT": "0", "AUDIENCE": audience, "TOKEN_TTL": str(ttl),
-           "CONFIG": json.dumps({"clients": clients})}
-    process = subprocess.Popen([str(NODE), "server.mjs"], cwd=OAUTH_DIR, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
-    try:
-        first_line = process.stdout.readline() if process.stdout else ""
-        found = re.search(r"(http://127\.0\.0\.1:\d+)$", first_line.strip())
-        if not found:
-            raise RuntimeError(f"the authorization server did not say where it listens: {first_line!r}")
-        issuer = found.group(1)
-        wait_until_ready(f"{issuer}/.well-known/openid-configuration", process, START_TIMEOUT)
+    env = {"AUDIENCE": audience, "TOKEN_TTL": str(ttl), "CONFIG": json.dumps({"clients": clients})}
+    with node_server(OAUTH_DIR, env, "/.well-known/openid-configuration", "authorization server",
+                     quiet=True) as issuer:
         yield AuthServer(issuer)
-    finally:
-        stop(process)
 
 
 def backend_client(client_id: str, keys: list[SigningKey], scope: str, ttl: int | None = None) -> dict:

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import orjson
 
+from tests.conftest import fhir_client
 from tests.fault_processes import (
     fault_proxy,
     faults,
@@ -40,10 +41,6 @@ EXAMPLES = ["qr-refer-asas.json", "qr-no-referral.json", "qr-not-applicable.json
             "qr-urgent.json", "qr-indeterminate.json", "qr-nice-test-hla-b27.json"]
 JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
 GIVE_UP = 180  # seconds a caller keeps retrying one response: a fault that never clears fails, never hangs, the run
-
-
-def client(base_url: str) -> httpx.Client:
-    return httpx.Client(base_url=base_url, headers=JSON, timeout=30)
 
 
 def new_patients(fhir: httpx.Client, n: int) -> list[str]:
@@ -65,7 +62,7 @@ def responses(patients: list[str], n: int) -> dict[str, bytes]:
 def put_all(base_url: str, bodies: dict[str, bytes], per_bundle: int = 100) -> None:
     """As a portal writes them, straight to the server (a batch of PUTs at a time)."""
     items = list(bodies.items())
-    with client(base_url) as fhir:
+    with fhir_client(base_url) as fhir:
         for start in range(0, len(items), per_bundle):
             entries = [{"resource": orjson.loads(body), "request": {"method": "PUT",
                                                                      "url": f"QuestionnaireResponse/{qr_id}"}}
@@ -83,7 +80,7 @@ def sync(base_url: str, home: Path) -> subprocess.CompletedProcess:
 
 
 def test_the_test_server_comes_back_from_sigkill_with_its_data(tmp_path: Path):
-    with fhir_server(tmp_path) as server, client(server.base_url) as fhir:
+    with fhir_server(tmp_path) as server, fhir_client(server.base_url) as fhir:
         (patient,) = new_patients(fhir, 1)
         qr = orjson.loads(for_patient("qr-emergency.json", patient))
         assert fhir.put(f"/QuestionnaireResponse/{qr['id']}", content=orjson.dumps(qr)).status_code == 201
@@ -117,7 +114,7 @@ def test_the_test_server_comes_back_from_sigkill_with_its_data(tmp_path: Path):
 def test_a_torn_last_journal_line_is_dropped_not_glued_to_the_next_commit(tmp_path: Path):
     """Killed mid-write, the journal ends in half a line: it is skipped at start and cut off before the next
     commit is appended, so the restart after that one finds every commit (not a damaged line)."""
-    with fhir_server(tmp_path) as server, client(server.base_url) as fhir:
+    with fhir_server(tmp_path) as server, fhir_client(server.base_url) as fhir:
         (before,) = new_patients(fhir, 1)
         server.kill()
         with server.data_file.open("ab") as journal:
@@ -167,7 +164,7 @@ class Portal:
             list(pool.map(self.put_chunk, chunks))
 
     def put_chunk(self, ids: list[str]) -> None:
-        with client(self.base_url) as fhir:
+        with fhir_client(self.base_url) as fhir:
             for qr_id in ids:
                 self.put(fhir, qr_id)
 
@@ -180,7 +177,7 @@ def test_fhir_server_killed_mid_stream_then_restarted_and_synced(tmp_path: Path,
     n = 500
     with fhir_server(tmp_path, NOTIFY_RETRY_MS="50") as server, \
             serving(tmp_path / "serve", "--fhir-base-url", server.base_url) as service:
-        with client(server.base_url) as fhir:
+        with fhir_client(server.base_url) as fhir:
             patients = new_patients(fhir, 20)
         subscribed = run_cli("subscribe", "--fhir-base-url", server.base_url, "--endpoint",
                              f"{service.base_url}/notify", home=tmp_path)
@@ -223,7 +220,7 @@ def test_fhir_server_killed_mid_stream_then_restarted_and_synced(tmp_path: Path,
 def test_sync_killed_midway_then_rerun_completes_without_duplicates(tmp_path: Path, fault_report):
     n = 400  # two of sync's pages: killed in the second, it must not start again from zero
     with fhir_server(tmp_path) as server:
-        with client(server.base_url) as fhir:
+        with fhir_client(server.base_url) as fhir:
             bodies = responses(new_patients(fhir, 10), n)
         put_all(server.base_url, bodies)
         state = tmp_path / "sync-state.json"
@@ -231,7 +228,7 @@ def test_sync_killed_midway_then_rerun_completes_without_duplicates(tmp_path: Pa
             first = subprocess.Popen([*CLI, "sync", "--fhir-base-url",
                                       server.base_url, "--state", str(state)], cwd=ROOT, env=serve_env(tmp_path),
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        with client(server.base_url) as fhir:
+        with fhir_client(server.base_url) as fhir:
             def written() -> int:
                 return total(fhir, "Observation") // 7
 
@@ -284,7 +281,7 @@ def test_latency_errors_and_resets_between_the_plugin_and_the_server(tmp_path: P
     with fhir_server(tmp_path) as server, \
             fault_proxy(server.base_url, SCRIPT, "--latency", "50-200") as proxy, \
             serving(tmp_path / "serve", "--fhir-base-url", proxy) as service:
-        with client(server.base_url) as fhir:
+        with fhir_client(server.base_url) as fhir:
             patients = new_patients(fhir, 6)
         ingested, synced_bodies = responses(patients, n), responses(patients, n)
         refused: Counter = Counter()
@@ -320,7 +317,7 @@ def test_latency_errors_and_resets_between_the_plugin_and_the_server(tmp_path: P
 def test_a_429_storm_is_waited_out_as_retry_after_asks(tmp_path: Path, fault_report):
     with fhir_server(tmp_path) as server, \
             fault_proxy(server.base_url, "429,429,429,pass", "--retry-after", "1") as proxy:
-        with client(server.base_url) as fhir:
+        with fhir_client(server.base_url) as fhir:
             (patient,) = new_patients(fhir, 1)
         bodies = responses([patient], 1)
         started = time.monotonic()
@@ -345,7 +342,7 @@ def test_a_429_storm_on_concurrent_write_backs_is_waited_out(tmp_path: Path, fau
     n, storm, callers = 30, 2.5, 6
     with fhir_server(tmp_path) as server, fault_proxy(server.base_url, "pass", "--retry-after", "1") as proxy, \
             serving(tmp_path / "serve", "--fhir-base-url", proxy) as service:
-        with client(server.base_url) as fhir:
+        with fhir_client(server.base_url) as fhir:
             bodies = responses(new_patients(fhir, 3), n)
         refused: Counter = Counter()
         # The storm starts before the first caller: on a quiet machine all 30 are written within a second.
@@ -411,7 +408,7 @@ def test_twenty_at_once_on_the_embedded_store_with_two_workers(tmp_path: Path, f
 
 def test_twenty_at_once_on_the_fhir_server_through_serve_and_through_submit(tmp_path: Path, fault_report):
     with fhir_server(tmp_path) as server, serving(tmp_path / "serve", "--fhir-base-url", server.base_url) as svc:
-        with client(server.base_url) as fhir:
+        with fhir_client(server.base_url) as fhir:
             (patient,) = new_patients(fhir, 1)
         body = for_patient("qr-emergency.json", patient)
         statuses, locations = summary(stampede(f"{svc.base_url}/QuestionnaireResponse", body))

@@ -22,6 +22,7 @@ import pytest
 
 from plugin.cli import EXIT_BAD_INPUT, main
 from plugin.subscribe import TAG_SYSTEM, check_endpoint, differences, merged, subscription
+from tests.conftest import fhir_client
 from tests.fhir_helpers import (
     CLI,
     ROOT,
@@ -80,8 +81,7 @@ def fhir_url() -> Iterator[str]:
 @pytest.fixture
 def fhir(fhir_url: str) -> Iterator[httpx.Client]:
     """This module's FHIR server (conftest's `patient` makes its Patients here too)."""
-    headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
-    with httpx.Client(base_url=fhir_url, headers=headers, timeout=30) as client:
+    with fhir_client(fhir_url) as client:
         yield client
 
 
