@@ -301,12 +301,17 @@ def _interpretations(obs: dict) -> set[str]:
             for c in concept.get("coding", []) if isinstance(c, dict) and c.get("system") == INTERPRETATION}
 
 
+def _one_sided(flags: set[str], yes: set[str], no: set[str]) -> bool | None:
+    """True or False when the interpretation flags point one way only; None when none or both."""
+    if bool(flags & yes) == bool(flags & no):
+        return None
+    return bool(flags & yes)
+
+
 def _hla_finding(obs: dict) -> str | None:
-    flags = _interpretations(obs)
-    if flags & POSITIVE and not flags & NEGATIVE:
-        return "positive"
-    if flags & NEGATIVE and not flags & POSITIVE:
-        return "negative"
+    flagged = _one_sided(_interpretations(obs), POSITIVE, NEGATIVE)
+    if flagged is not None:
+        return "positive" if flagged else "negative"
     codes = {c.get("code") for c in (obs.get("valueCodeableConcept") or {}).get("coding", [])
              if isinstance(c, dict) and c.get("system") == SNOMED}
     text = obs.get("valueString")
@@ -318,11 +323,9 @@ def _hla_finding(obs: dict) -> str | None:
 
 
 def _inflammation_finding(obs: dict) -> str | None:
-    flags = _interpretations(obs)
-    if flags & RAISED and not flags & NOT_RAISED:
-        return "raised"
-    if flags & NOT_RAISED and not flags & RAISED:
-        return "normal"
+    flagged = _one_sided(_interpretations(obs), RAISED, NOT_RAISED)
+    if flagged is not None:
+        return "raised" if flagged else "normal"
     value = obs.get("valueQuantity")
     if not isinstance(value, dict) or not isinstance(value.get("value"), int | float):
         return None

@@ -34,6 +34,17 @@ class Keys:
                          {**ec_jwk, "kid": "ec-1", "use": "sig", "alg": "ES384"}]}
 
 
+def reply_json(handler: BaseHTTPRequestHandler, status: int, value: Any,
+               content_type: str = "application/json") -> None:
+    """What the small HTTP servers of these tests answer: `value` as JSON."""
+    body = orjson.dumps(value)
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class JwksServer:
     """Serves JWK Sets by path (`/jwks.json`, `/other.json`) and counts each fetch."""
 
@@ -46,12 +57,7 @@ class JwksServer:
             def do_GET(self) -> None:
                 owner.hits[self.path] += 1
                 found = owner.sets.get(self.path)
-                body = orjson.dumps(found) if found is not None else b"{}"
-                self.send_response(200 if found is not None else 404)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                reply_json(self, 200 if found is not None else 404, found if found is not None else {})
 
             def log_message(self, *_: Any) -> None:
                 pass

@@ -26,7 +26,7 @@ from plugin.app import create_app
 from plugin.cds_hooks import PREFETCH, QUERIES
 from plugin.settings import ServiceSettings
 from plugin.sqlite_store import SqliteStore
-from tests.cds_keys import ISSUER, JwksServer, Keys, token
+from tests.cds_keys import ISSUER, JwksServer, Keys, reply_json, token
 from tests.fhir_helpers import EXAMPLES, tasks
 
 SERVICE = "/cds-services/backpain-screening"
@@ -527,12 +527,8 @@ class RecordingFhir(ThreadingHTTPServer):
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 owner.seen.append((self.path, self.headers.get("Authorization")))
-                body = orjson.dumps({"resourceType": "Bundle", "type": "searchset", "total": 0})
-                self.send_response(200)
-                self.send_header("Content-Type", "application/fhir+json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                reply_json(self, 200, {"resourceType": "Bundle", "type": "searchset", "total": 0},
+                           "application/fhir+json")
 
             def log_message(self, *_: Any) -> None:
                 pass
