@@ -17,16 +17,18 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from plugin import api, cds_hooks, formats, pages, populate_api, smart_launch
-from plugin.fhir_client import FhirError
+from plugin.ehr import cds_hooks, populate_api, smart_launch
+from plugin.fhir import formats
+from plugin.fhir.client import FhirError
 from plugin.observability import LOG, RequestMetrics, configure_logging
-from plugin.openapi import openapi
-from plugin.outcome import InvalidInput, Issue, operation_outcome
-from plugin.security import PageHeaders
-from plugin.service import Service
-from plugin.service import service as service_of
+from plugin.screening.outcome import InvalidInput, Issue, operation_outcome
 from plugin.settings import ServiceSettings, service_settings
-from plugin.store import Store
+from plugin.stores.store import Store
+from plugin.web import api, pages
+from plugin.web.openapi import openapi
+from plugin.web.security import PageHeaders
+from plugin.web.service import Service
+from plugin.web.service import service as service_of
 
 READY_WITHIN = 3.0  # seconds the store has to answer a readiness probe
 ISSUE_CODES = {404: "not-found", 405: "not-supported", 406: "not-supported", 413: "too-costly", 415: "not-supported"}
@@ -87,7 +89,7 @@ def routes() -> list:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-        Mount("/static", StaticFiles(packages=[("plugin", "static")]), name="static"),
+        Mount("/static", StaticFiles(packages=[("plugin.web", "static")]), name="static"),
     ]
 
 

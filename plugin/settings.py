@@ -1,4 +1,4 @@
-"""Settings: of a scoring run (`Settings`) and of the service (`ServiceSettings`).
+"""Settings of the service (`ServiceSettings`); a scoring run's own (`Settings`) live in the screening core.
 
 Every setting has a safe default and comes from an environment variable
 (or the matching command-line flag, which wins). `SERVICE_SETTINGS` is the
@@ -12,17 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-MAX_BODY_BYTES = 1024 * 1024  # 1 MiB: a screening response is ~3 kB
-# SMART v2 scopes for what the plugin reads and writes (see plugin/smart_auth.py for why each).
+from plugin.screening.parsing import MAX_BODY_BYTES
+from plugin.screening.pipeline import Settings
+
+# SMART v2 scopes for what the plugin reads and writes (see plugin/fhir/smart_auth.py for why each).
 DEFAULT_SMART_SCOPES = ("system/Questionnaire.crus system/CodeSystem.crus system/Device.crus "
                         "system/QuestionnaireResponse.crus system/Observation.crus system/Task.crus "
                         "system/Provenance.cs system/Patient.r system/Subscription.crus")
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    strategy: str | None = None  # referral strategy option; None = the rule set's default
-    max_body_bytes: int = MAX_BODY_BYTES
 
 
 def default_store_path() -> Path:

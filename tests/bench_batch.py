@@ -36,7 +36,7 @@ from tests.bench_pipeline import make_bodies
 
 def sample_lines(count: int, seed: int = 7) -> list[bytes]:
     """A pool of plausible responses (the pipeline benchmark's), reused with fresh ids."""
-    from plugin.pipeline import Screener
+    from plugin.screening.pipeline import Screener
 
     return make_bodies(Screener(), count, seed)
 
@@ -79,7 +79,7 @@ class Run:
 
 
 def run_once(n: int, workers: int, partition: str) -> Run:
-    cmd = [sys.executable, "-m", "plugin.cli", "batch", "-", "-o", os.devnull, "--workers", str(workers),
+    cmd = [sys.executable, "-m", "plugin.jobs.cli", "batch", "-", "-o", os.devnull, "--workers", str(workers),
            "--partition", partition]
     load_before = os.getloadavg()[0]
     cpu_before = _children_cpu()

@@ -36,11 +36,11 @@ from typing import Any
 
 import orjson
 
-from plugin import data
-from plugin.parsing import parse_body
-from plugin.pipeline import Screener
-from plugin.questionnaire import ItemSpec
-from plugin.scoring import score
+from plugin.screening import data
+from plugin.screening.parsing import parse_body
+from plugin.screening.pipeline import Screener
+from plugin.screening.questionnaire import ItemSpec
+from plugin.screening.scoring import score
 from tests import factory
 
 TARGET_QR_PER_S = 10_000

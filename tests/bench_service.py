@@ -8,7 +8,7 @@ In one run it starts two servers, each uvicorn with uvloop and httptools and ONE
 
   (a) the floor: a trivial Starlette app whose one endpoint only parses the JSON body
       (orjson.loads) and answers a small JSON;
-  (b) the plugin, exactly as deployed: `python -m plugin.cli serve` (embedded store);
+  (b) the plugin, exactly as deployed: `python -m plugin.jobs.cli serve` (embedded store);
 
 and loads each in turn, in alternating rounds, with the same bounded number of POSTs of
 questionnaires/examples/qr-refer-asas.json to `/QuestionnaireResponse/$extract`. The load
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             "floor": Server("floor", [sys.executable, "-m", "uvicorn", "--factory", "tests.bench_service:floor_app",
                                       "--port", str(free_port()), *uvicorn, "--no-access-log", "--log-level",
                                       "warning"], env, server_cpus, home / "floor.log"),
-            "plugin": Server("plugin", [sys.executable, "-m", "plugin.cli", "serve", "--port", str(free_port()),
+            "plugin": Server("plugin", [sys.executable, "-m", "plugin.jobs.cli", "serve", "--port", str(free_port()),
                                         "--store", str(home / "store.sqlite3"), "--workers", "1"], env, server_cpus,
                              home / "plugin.log"),
         }

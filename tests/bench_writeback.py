@@ -28,10 +28,10 @@ from pathlib import Path
 import httpx
 import orjson
 
-from plugin.fhir_client import FhirClient
-from plugin.pipeline import Screener
-from plugin.sync import sync
-from plugin.writeback import submit
+from plugin.fhir.client import FhirClient
+from plugin.screening.pipeline import Screener
+from plugin.stores.sync import sync
+from plugin.stores.writeback import submit
 from tests.bench_pipeline import make_bodies
 from tests.fhir_helpers import local_fhir_server
 

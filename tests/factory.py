@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from plugin import data, systems
+from plugin.screening import data, systems
 
 SCREENING = "https://backpain-screen.org/fhir/Questionnaire/back-pain-screening"
 BASDAI = "https://backpain-screen.org/fhir/Questionnaire/basdai"
@@ -65,7 +65,7 @@ def response(answers: dict[str, Any], url: str = SCREENING, status: str = "compl
 
 def drop_disabled(answers: dict[str, Any], items: dict) -> dict[str, Any]:
     """Leaves out answers whose enableWhen the other answers switch off (as renderers do)."""
-    from plugin.checking import is_enabled
+    from plugin.screening.checking import is_enabled
 
     while disabled := [k for k in answers if items[k].enable_when and not is_enabled(items[k], answers)]:
         for link_id in disabled:

@@ -19,7 +19,7 @@ import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "questionnaires" / "examples"
-CLI = [sys.executable, "-m", "plugin.cli"]
+CLI = [sys.executable, "-m", "plugin.jobs.cli"]
 
 
 def total(fhir: httpx.Client, resource_type: str, **params: str) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from plugin.sqlite_store import SqliteStore
+from plugin.stores.sqlite import SqliteStore
 
 OBSERVATIONS_PER_RESPONSE = 7
 

@@ -17,7 +17,7 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from plugin.smart_auth import SigningKey, load_signing_key, public_jwks
+from plugin.fhir.smart_auth import SigningKey, load_signing_key, public_jwks
 from tests.fhir_helpers import node_server, npm_install
 
 OAUTH_DIR = Path(__file__).resolve().parent / "oauth_server"

@@ -23,7 +23,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from plugin.cli import _parser
+from plugin.jobs.cli import _parser
 from plugin.settings import SERVICE_SETTINGS
 from tests.fhir_helpers import CLI, for_patient, free_port, stop, wait_until_ready
 

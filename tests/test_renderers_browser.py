@@ -44,7 +44,7 @@ import orjson
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, Route, expect, sync_playwright
 
-from plugin.sqlite_store import SqliteStore
+from plugin.stores.sqlite import SqliteStore
 from tests.fhir_helpers import ROOT, free_port, npm_install, stop, wait_until_ready
 
 RENDERERS = Path(__file__).resolve().parent / "renderers"
@@ -219,7 +219,7 @@ def plugin(pages: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plu
     running = Plugin(f"http://127.0.0.1:{port}", where / "store.sqlite3", where / "serve.log")
     with running.log.open("wb") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "plugin.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", "plugin.jobs.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
              "--store", str(running.store)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_until_ready(f"{running.url}/readyz", server, 30, running.said)

@@ -1,0 +1,151 @@
+"""Scores NDJSON in bulk: one line out per line in, same order, bounded memory.
+
+Lines are read in chunks; with several workers, at most a few chunks per
+worker are in flight, so memory does not grow with the input. A bad line
+becomes an OperationOutcome line and never stops the batch; its file and
+line number (never its content) are reported on standard error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import BinaryIO, TextIO
+
+import orjson
+
+from plugin.jobs.bulk import Line
+from plugin.screening.outcome import InvalidInput, invalid
+from plugin.screening.pipeline import Screener, Settings
+
+CHUNK = 128  # lines per task: enough to amortise inter-process overhead, few enough to keep memory low
+IN_FLIGHT_PER_WORKER = 2
+ORPHAN_CHECK = 1.0  # seconds between a worker's looks at whether its batch process is still there
+SHOWN = 50  # problems reported line by line; past that, only counted
+INVALID = "invalid"
+TOO_LONG = "This line is over the size limit."
+
+
+class Report:
+    """Counts by label, and the first few problems by file and line number (no patient data)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.counts: Counter = Counter()  # by screening outcome (or invalid)
+        self.writes: Counter = Counter()  # uploading: written, unchanged, failed, ...
+        self.halted: str | None = None  # why the batch stopped before the end of its input
+        self.problems = 0
+        self.stream = stream or sys.stderr
+
+    def count(self, label: str) -> None:
+        self.counts[label] += 1
+
+    def problem(self, line: Line, message: str) -> None:
+        self.problems += 1
+        if self.problems <= SHOWN:
+            print(f"backpain-screen: {line.where}:{line.number}: {message}", file=self.stream)
+        elif self.problems == SHOWN + 1:
+            print(f"backpain-screen: more problems follow; only the first {SHOWN} are shown.", file=self.stream)
+
+
+def chunks(items: Iterable, size: int = CHUNK) -> Iterator[list]:
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+_screener: Screener | None = None  # one per worker process, made once
+
+
+def start_worker(settings: Settings) -> None:
+    global _screener
+    _screener = Screener(settings)
+
+
+def start_pool_worker(settings: Settings) -> None:
+    """A pool worker: also ends itself when the batch process is gone (killed, even by SIGKILL)."""
+    start_worker(settings)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_CHECK)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
+def screener() -> Screener:
+    assert _screener is not None, "worker not started"
+    return _screener
+
+
+def score_chunk(texts: list[bytes | None]) -> list[tuple[bytes, str, str | None]]:
+    """Per line: the Bundle or OperationOutcome (serialized), its label, and for a bad line why (no content)."""
+    out = []
+    for text in texts:
+        try:
+            if text is None:
+                raise invalid("too-costly", TOO_LONG)
+            outcome = screener().process_body(text, "application/fhir+json")
+        except InvalidInput as error:
+            out.append((orjson.dumps(error.to_fhir()), INVALID, error.summary()))
+            continue
+        out.append((orjson.dumps(outcome.bundle), outcome.label, None))
+    return out
+
+
+def run_batch(lines: Iterable[Line], sink: BinaryIO, settings: Settings, workers: int = 1,
+              progress: bool = False, report: Report | None = None) -> Counter:
+    """Scores every line into `sink`; returns the counts by outcome."""
+    report = report or Report()
+    bar = progress_bar(progress)
+
+    def emit(chunk: list[Line], scored: list[tuple[bytes, str, str | None]]) -> None:
+        sink.write(b"\n".join(result for result, _, _ in scored) + b"\n")
+        for line, (_, label, why) in zip(chunk, scored):
+            report.count(label)
+            if why:
+                report.problem(line, f"not scored: {why}")
+        bar.update(len(chunk))
+
+    batches = chunks(lines)
+    if workers <= 1:
+        start_worker(settings)
+        for chunk in batches:
+            emit(chunk, score_chunk([line.text for line in chunk]))
+    else:
+        with ProcessPoolExecutor(workers, initializer=start_pool_worker, initargs=(settings,)) as pool:
+            pending: deque[tuple[list[Line], Future]] = deque()
+            for chunk in batches:
+                pending.append((chunk, pool.submit(score_chunk, [line.text for line in chunk])))
+                if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
+                    done, future = pending.popleft()
+                    emit(done, future.result())
+            while pending:
+                done, future = pending.popleft()
+                emit(done, future.result())
+    bar.close()
+    sink.flush()
+    return report.counts
+
+
+def progress_bar(enabled: bool):  # returns a tqdm bar, imported lazily
+    from tqdm import tqdm
+
+    return tqdm(unit=" QR", file=sys.stderr, disable=not enabled, mininterval=0.5)
+
+
+def summary(counts: Counter) -> str:
+    total = sum(counts.values())
+    parts = ", ".join(f"{label} {n}" for label, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"{total} responses scored: {parts}" if total else "0 responses: the input was empty"

@@ -1,0 +1,132 @@
+"""The FHIR REST endpoints: definitions, $extract, ingest, Subscription notifications, results.
+
+Each handler is short: read and check the input, call the pure core or the
+write-back, reply in the caller's format. Errors are raised (InvalidInput,
+FhirError) and turned into OperationOutcomes in one place (`app.py`).
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from plugin.fhir import formats
+from plugin.fhir.capability import capability_statement
+from plugin.screening import data
+from plugin.screening.outcome import invalid
+from plugin.screening.parsing import parse_body
+from plugin.stores.writeback import Written, prepare, save, submit
+from plugin.web.security import require_bearer, require_notify_secret
+from plugin.web.service import service
+
+DEFINITION_TYPES = ("Questionnaire", "CodeSystem")
+DEFINITION_SEARCH = {"url", "version", "_id", "_format", "_count", "_summary"}
+
+
+async def metadata(request: Request) -> Response:
+    return formats.reply(capability_statement(base_url(request)), formats.wanted(request))
+
+
+async def search_definitions(request: Request) -> Response:
+    """`GET /Questionnaire?url=…&version=…` (and CodeSystem): a searchset of what the plugin publishes."""
+    resource_type = request.url.path.strip("/")
+    unknown = set(request.query_params) - DEFINITION_SEARCH
+    if unknown:
+        raise invalid("not-supported", f"Unknown search parameter {sorted(unknown)[0]!r} for {resource_type}; "
+                      "known: url, version, _id.")
+    params = request.query_params
+    found = [r for r in data.definitions(resource_type)
+             if all(params.get(k) in (None, r.get(k if k != "_id" else "id")) for k in ("url", "version", "_id"))]
+    entries = [] if params.get("_summary") == "count" else [
+        {"fullUrl": f"{base_url(request)}/{resource_type}/{r['id']}", "resource": r, "search": {"mode": "match"}}
+        for r in found]
+    bundle = {"resourceType": "Bundle", "type": "searchset", "total": len(found), "entry": entries}
+    return formats.reply(bundle, formats.wanted(request))
+
+
+async def read_definition(request: Request) -> Response:
+    resource_type = request.url.path.strip("/").split("/")[0]
+    wanted_id = request.path_params["id"]
+    found = next((r for r in data.definitions(resource_type) if r.get("id") == wanted_id), None)
+    if found is None:
+        raise invalid("not-found", f"{resource_type}/{wanted_id} is not published here.", status=404)
+    return formats.reply(found, formats.wanted(request), headers={"ETag": f'W/"{found.get("version", "1")}"'})
+
+
+async def extract(request: Request) -> Response:
+    """SDC `$extract`: the result Bundle a response gives; nothing is written."""
+    qr = await read_response(request)
+    outcome = service(request).screener.process(qr)
+    service(request).count(outcome.label)
+    return formats.reply(outcome.bundle, formats.wanted(request))
+
+
+async def ingest(request: Request) -> Response:
+    """`POST /QuestionnaireResponse`: check, score, write it with its results in one transaction.
+
+    201 with Location when the response is new; the same response again: 200
+    with the same results and nothing written twice.
+    """
+    svc = service(request)
+    require_bearer(request, svc.settings.ingest_token)
+    qr = await read_response(request)
+    outcome, written = await submit(svc.store, svc.screener, qr)
+    svc.count(outcome.label)
+    return written_reply(request, outcome.label, written)
+
+
+async def notified_with_payload(request: Request) -> Response:
+    """A rest-hook Subscription with a payload: `PUT …/QuestionnaireResponse/{id}` with the response.
+
+    The response is already on the FHIR server (that is where the notification
+    comes from): its results are written, the response itself is not.
+    """
+    svc = service(request)
+    require_notify_secret(request, svc.settings.notify_secret)
+    qr = await read_response(request)
+    job = prepare(svc.screener, qr)  # checked first: only then is it known to be a response at all
+    if qr.get("id") != request.path_params["id"]:
+        raise invalid("invalid", "The response's id does not match the id in the URL.", "QuestionnaireResponse.id")
+    svc.count(job.outcome.label)
+    return written_reply(request, job.outcome.label, await save(svc.store, job, stored_response=qr))
+
+
+async def notified_without_payload(request: Request) -> Response:
+    """A rest-hook Subscription without a payload (an empty POST): something changed; catch up."""
+    svc = service(request)
+    require_notify_secret(request, svc.settings.notify_secret)
+    svc.catch_up()
+    return Response(status_code=202)
+
+
+async def read_response(request: Request) -> dict:
+    """A QuestionnaireResponse from the body, or from a Parameters `questionnaire-response` (SDC)."""
+    limit = service(request).settings.max_body_bytes
+    body = await formats.read_body(request, limit)
+    resource = parse_body(body, formats.sent(request), limit)
+    if isinstance(resource, dict) and resource.get("resourceType") == "Parameters":
+        parameter = next((p for p in resource.get("parameter") or [] if isinstance(p, dict)
+                          and p.get("name") == "questionnaire-response"), None)
+        if parameter is None or not isinstance(parameter.get("resource"), dict):
+            raise invalid("required", "The Parameters hold no 'questionnaire-response' resource.",
+                          "Parameters.parameter")
+        resource = parameter["resource"]
+    return resource
+
+
+def written_reply(request: Request, label: str, written: list[Written]) -> Response:
+    """A transaction-response Bundle saying where each result is; 201 + Location if the response is new."""
+    service(request).log_written(label, written)
+    base = base_url(request)
+    entries = [{"response": {"status": "201 Created" if w.status == "201" else "200 OK",
+                             "location": f"{w.location}"}} for w in written]
+    bundle = {"resourceType": "Bundle", "type": "transaction-response", "entry": entries}
+    response_entry = next((w for w in written if w.location.startswith("QuestionnaireResponse/")), None)
+    headers = {"Location": f"{base}/{response_entry.location}"} if response_entry else {}
+    status = 201 if response_entry and response_entry.status == "201" and response_entry.changed else 200
+    return formats.reply(bundle, formats.wanted(request), status, headers)
+
+
+def base_url(request: Request) -> str:
+    public = service(request).settings.public_url
+    return (public or str(request.base_url)).rstrip("/")

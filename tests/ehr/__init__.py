@@ -1,0 +1,1 @@
+"""Tests of EHR integration (`plugin/ehr/`)."""

@@ -1,0 +1,1 @@
+"""Tests of the stores, write-back and sync (`plugin/stores/`)."""
