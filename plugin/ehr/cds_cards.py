@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 
 from plugin.screening import systems
-from plugin.screening.building import uuid5
+from plugin.screening.identity import uuid5
 
 SERVICE_ID = "backpain-screening"
 SID_SERVICE_REQUEST = f"{systems.BASE}/sid/service-request"

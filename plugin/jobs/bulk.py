@@ -5,7 +5,7 @@ and its line number there, so a problem can be reported as `file:line`
 without repeating the line (which holds patient data).
 
 A partition `i/n` owns a line by a hash of the response's key (its patient
-and identifier or id, as `building.response_key` makes it), not by the
+and identifier or id, as `identity.response_key` makes it), not by the
 line's position: every version or copy of one response lands in the same
 partition, so two processes never write the same response's results at
 once, and a re-export in another order or split into other files keeps
@@ -30,7 +30,7 @@ from urllib.parse import unquote, urlsplit
 
 import orjson
 
-from plugin.screening.building import response_key
+from plugin.screening.identity import response_key
 
 READ_BLOCK = 1 << 16
 GZIP_MAGIC = b"\x1f\x8b"

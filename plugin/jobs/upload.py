@@ -35,7 +35,7 @@ from plugin.jobs.batch import (
 )
 from plugin.jobs.bulk import RESPONSE_TYPE, Line
 from plugin.screening import systems
-from plugin.screening.building import response_key
+from plugin.screening.identity import response_key
 from plugin.screening.outcome import InvalidInput
 from plugin.screening.parsing import parse_body
 from plugin.screening.pipeline import Outcome, Settings

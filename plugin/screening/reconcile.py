@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from plugin.screening import systems
-from plugin.screening.building import uuid5
+from plugin.screening.identity import uuid5
 
 # Tasks nobody has acted on yet; one the care team accepted or started is theirs to close.
 OPEN_TASK = frozenset({"draft", "requested", "received", "ready"})

@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 
 from plugin.fhir.client import FhirError, matches
 from plugin.screening import data, systems
-from plugin.screening.building import given_identifier, own_identifier, token
+from plugin.screening.identity import given_identifier, own_identifier, token
 from plugin.screening.outcome import invalid
 from plugin.screening.pipeline import Outcome, Screener
 from plugin.screening.reconcile import plan, stored_key

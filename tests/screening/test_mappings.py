@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from plugin.screening import data
-from plugin.screening.building import NAMESPACE, uuid5
+from plugin.screening.identity import NAMESPACE, uuid5
 from plugin.screening.mappings import load_rule_set
 from plugin.screening.pipeline import Screener
 from plugin.screening.rules import MappingError
