@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -63,6 +64,21 @@ def from_environment() -> Starlette:
     return create_app(settings)
 
 
+class FhirId(Convertor[str]):
+    """A path segment that is a FHIR id, so `/QuestionnaireResponse/$extract` is never read as one."""
+
+    regex = r"[A-Za-z0-9\-.]{1,64}"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("fhir_id", FhirId())
+
+
 def routes() -> list:
     return [
         Route("/", pages.form_page, methods=["GET"]),
@@ -78,9 +94,16 @@ def routes() -> list:
         Route("/Questionnaire/{id}", api.read_definition, methods=["GET"]),
         Route("/CodeSystem", api.search_definitions, methods=["GET"]),
         Route("/CodeSystem/{id}", api.read_definition, methods=["GET"]),
+        Route("/StructureDefinition", api.search_definitions, methods=["GET"]),
+        Route("/StructureDefinition/{id}", api.read_definition, methods=["GET"]),
+        Route("/OperationDefinition", api.search_definitions, methods=["GET"]),
+        Route("/OperationDefinition/{id}", api.read_definition, methods=["GET"]),
         Route("/QuestionnaireResponse/$extract", api.extract, methods=["POST"]),
+        Route("/QuestionnaireResponse/{id:fhir_id}/$extract", api.extract_stored, methods=["POST"]),
         Route("/QuestionnaireResponse", api.ingest, methods=["POST"]),
         Route("/QuestionnaireResponse/{id}", api.notified_with_payload, methods=["PUT"]),
+        Route("/QuestionnaireResponse/{id:fhir_id}", api.read_stored, methods=["GET"]),
+        Route("/QuestionnaireResponse/{id:fhir_id}/_history/{vid:fhir_id}", api.read_stored, methods=["GET"]),
         Route("/notify/QuestionnaireResponse/{id}", api.notified_with_payload, methods=["PUT"]),
         Route("/notify", api.notified_without_payload, methods=["POST"]),
         Route("/cds-services", cds_hooks.discovery, methods=["GET"]),

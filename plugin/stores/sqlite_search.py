@@ -81,6 +81,8 @@ PARAMS: dict[str, dict[str, Param]] = {
     "Provenance": {"target": _p(REFERENCE, "target"), "patient": _p(REFERENCE, "target", target="Patient")},
     "Questionnaire": _CANONICAL,
     "CodeSystem": _CANONICAL,
+    "StructureDefinition": _CANONICAL,
+    "OperationDefinition": _CANONICAL,
 }
 COMMON = {"_tag": _p(TOKEN, "meta.tag", selective=True)}
 

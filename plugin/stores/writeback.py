@@ -17,7 +17,8 @@ from plugin.screening.pipeline import Outcome, Screener
 from plugin.screening.reconcile import plan, stored_key
 from plugin.stores.store import Store
 
-CANONICAL_TYPES = ("Questionnaire", "CodeSystem")
+# Published in this order: what the others depend on first (the extension the Observations carry).
+CANONICAL_TYPES = ("StructureDefinition", "CodeSystem", "Questionnaire", "OperationDefinition")
 CONFLICT_RETRIES = 3
 
 
@@ -31,7 +32,7 @@ class Written:
 
 
 async def publish(client: Store, screener: Screener) -> list[str]:
-    """Puts the Questionnaires, CodeSystems and the plugin's Device on the server, once each.
+    """Puts the definitions (CANONICAL_TYPES) and the plugin's Device on the server, once each.
 
     Conditional updates on (url, version), and on the Device's identifier,
     so running it again updates in place instead of adding copies. Returns
