@@ -27,7 +27,7 @@ from plugin.settings import ServiceSettings, service_settings
 from plugin.stores.store import Store
 from plugin.web import api, pages
 from plugin.web.openapi import openapi
-from plugin.web.security import PageHeaders
+from plugin.web.security import PageHeaders, checked_id
 from plugin.web.service import Service
 from plugin.web.service import service as service_of
 
@@ -83,28 +83,29 @@ def routes() -> list:
     return [
         Route("/", pages.form_page, methods=["GET"]),
         Route("/form", pages.submitted, methods=["POST"]),
-        Route("/results/{id}", pages.results, methods=["GET"]),
+        Route("/results/{id}", checked_id(pages.results), methods=["GET"]),
         Route("/launch", smart_launch.launch, methods=["GET"]),
         Route("/launch/callback", smart_launch.callback, methods=["GET"]),
         Route("/metadata", api.metadata, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/Questionnaire", api.search_definitions, methods=["GET"]),
         Route("/Questionnaire/$populate", populate_api.populate_type, methods=["POST"]),  # before {id}
-        Route("/Questionnaire/{id}/$populate", populate_api.populate_instance, methods=["POST"]),
-        Route("/Questionnaire/{id}", api.read_definition, methods=["GET"]),
+        Route("/Questionnaire/{id}/$populate", checked_id(populate_api.populate_instance), methods=["POST"]),
+        Route("/Questionnaire/{id}", checked_id(api.read_definition), methods=["GET"]),
         Route("/CodeSystem", api.search_definitions, methods=["GET"]),
-        Route("/CodeSystem/{id}", api.read_definition, methods=["GET"]),
+        Route("/CodeSystem/{id}", checked_id(api.read_definition), methods=["GET"]),
         Route("/StructureDefinition", api.search_definitions, methods=["GET"]),
-        Route("/StructureDefinition/{id}", api.read_definition, methods=["GET"]),
+        Route("/StructureDefinition/{id}", checked_id(api.read_definition), methods=["GET"]),
         Route("/OperationDefinition", api.search_definitions, methods=["GET"]),
-        Route("/OperationDefinition/{id}", api.read_definition, methods=["GET"]),
+        Route("/OperationDefinition/{id}", checked_id(api.read_definition), methods=["GET"]),
         Route("/QuestionnaireResponse/$extract", api.extract, methods=["POST"]),
-        Route("/QuestionnaireResponse/{id:fhir_id}/$extract", api.extract_stored, methods=["POST"]),
+        Route("/QuestionnaireResponse/{id:fhir_id}/$extract", checked_id(api.extract_stored), methods=["POST"]),
         Route("/QuestionnaireResponse", api.ingest, methods=["POST"]),
-        Route("/QuestionnaireResponse/{id}", api.notified_with_payload, methods=["PUT"]),
-        Route("/QuestionnaireResponse/{id:fhir_id}", api.read_stored, methods=["GET"]),
-        Route("/QuestionnaireResponse/{id:fhir_id}/_history/{vid:fhir_id}", api.read_stored, methods=["GET"]),
-        Route("/notify/QuestionnaireResponse/{id}", api.notified_with_payload, methods=["PUT"]),
+        Route("/QuestionnaireResponse/{id}", checked_id(api.notified_with_payload), methods=["PUT"]),
+        Route("/QuestionnaireResponse/{id:fhir_id}", checked_id(api.read_stored), methods=["GET"]),
+        Route("/QuestionnaireResponse/{id:fhir_id}/_history/{vid:fhir_id}", checked_id(api.read_stored),
+              methods=["GET"]),
+        Route("/notify/QuestionnaireResponse/{id}", checked_id(api.notified_with_payload), methods=["PUT"]),
         Route("/notify", api.notified_without_payload, methods=["POST"]),
         Route("/cds-services", cds_hooks.discovery, methods=["GET"]),
         Route(f"/cds-services/{cds_hooks.SERVICE_ID}", cds_hooks.call, methods=["POST"]),

@@ -19,13 +19,14 @@ from typing import Any
 import orjson
 
 from plugin.fhir.client import FhirError
+from plugin.screening import references
 from plugin.screening.outcome import Issue, operation_outcome
 
 TOKEN, REFERENCE, URI, DATE = "token", "reference", "uri", "date"
 DEFAULT_COUNT = 50
 MAX_COUNT = 1000
 CONTROL = frozenset({"_count", "_sort", "_summary", "_total", "_cursor"})  # _cursor: our own `next` links
-ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+ID = references.ID  # FHIR ids, less . and .. (one rule for the whole plugin)
 REFERENCE_SHAPE = re.compile(r"(?:.*/)?([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?")
 DATE_SHAPE = re.compile(r"(\d{4})(?:-(\d\d)(?:-(\d\d)(?:T(\d\d):(\d\d)(?::(\d\d)(?:\.(\d+))?)?"
                         r"(Z|[+-]\d\d:\d\d)?)?)?)?")
