@@ -25,7 +25,7 @@ from plugin.observability import LOG, RequestMetrics, configure_logging
 from plugin.screening.outcome import InvalidInput, Issue, operation_outcome
 from plugin.settings import ServiceSettings, service_settings
 from plugin.stores.store import Store
-from plugin.web import api, pages
+from plugin.web import api, pages, results_pages
 from plugin.web.openapi import openapi
 from plugin.web.security import PageHeaders, checked_id
 from plugin.web.service import Service
@@ -83,7 +83,9 @@ def routes() -> list:
     return [
         Route("/", pages.form_page, methods=["GET"]),
         Route("/form", pages.submitted, methods=["POST"]),
-        Route("/results/{id}", checked_id(pages.results), methods=["GET"]),
+        Route("/form/progress", pages.progress, methods=["POST"]),
+        Route("/results", results_pages.index, methods=["GET"]),
+        Route("/results/{id}", checked_id(results_pages.results), methods=["GET"]),
         Route("/launch", smart_launch.launch, methods=["GET"]),
         Route("/launch/callback", smart_launch.callback, methods=["GET"]),
         Route("/metadata", api.metadata, methods=["GET"]),

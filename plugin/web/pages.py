@@ -1,41 +1,56 @@
-"""The HTML pages: the patient form and its plain-language result, and the clinician's results view.
+"""The patient's pages: the form and its plain-language result (the clinician's pages are in results_pages).
 
 Rendered on the server with Jinja2 (autoescaping on, so no answer or id can
 inject markup); the pages load only the plugin's own script and styles.
 A form opened from a portal link names the patient (`?patient=Patient/x`,
 signed with `sig` when BACKPAIN_FORM_SECRET is set) and is saved with its
-results; without a patient it is scored and shown, not saved.
+results; without a patient it is scored and shown, not saved. A clinician's
+link (`&clinician=1`, its `sig` over `Patient/x|clinician`) also shows the
+clinician group, which a patient's form leaves out.
+
+Safety: a red flag answered Yes is acted on before the rest of the form.
+The page's script shows the advice at once and sends the answers so far
+(`POST /form/progress`, an `in-progress` response); without the script,
+the red-flag part has its own "send these answers now" button. A form
+with an answer that cannot be taken (an age of 200) comes back with the
+message beside the field, its answers kept, the red-flag advice on top,
+and (for a named patient) the valid answers saved as `in-progress`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
+import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from plugin.fhir import formats
 from plugin.fhir.client import FhirError
 from plugin.observability import event
 from plugin.screening import data
+from plugin.screening.identity import token
 from plugin.screening.outcome import InvalidInput, Issue, invalid
 from plugin.settings import ServiceSettings
-from plugin.stores.writeback import prepare, read_states, save
+from plugin.stores.writeback import prepare, save
 from plugin.web import form
-from plugin.web.access import session_allows
-from plugin.web.security import refused, require_bearer, same
-from plugin.web.service import service
+from plugin.web.criteria import rule_facts
+from plugin.web.security import refused, same
+from plugin.web.service import Service, service
 
 TEMPLATES = Environment(loader=PackageLoader("plugin.web", "templates"), autoescape=select_autoescape(["html"]),
                         trim_blocks=True, lstrip_blocks=True)
 SCREENING_ID = "back-pain-screening"
 # Scoring needs a subject to point results at; an unsaved form's results go nowhere, so any name does.
 UNSAVED_SUBJECT = "Patient/unsaved-form"
-RESULT_ORDER = ("screening-outcome", "red-flags", "asas-ibp", "berlin-ibp", "spa-features", "mechanical-pattern")
+FORM_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+RED_FLAG_STAGE = "red-flags"  # the no-script "send these answers now" button
 
 # What each outcome means for the patient, in plain words: (headline, what to do, tone).
 PATIENT_MESSAGES: dict[str, tuple[str, str, str]] = {
@@ -70,6 +85,7 @@ PATIENT_MESSAGES: dict[str, tuple[str, str, str]] = {
         "Some questions were not answered, so we cannot say what your answers mean yet. "
         "Your care team will look at them, or you can fill in the form again.", "calm"),
 }
+URGENT_OUTCOMES = ("emergency-assessment", "urgent-assessment")
 
 
 def wants_html(request: Request) -> bool:
@@ -85,79 +101,161 @@ def page(name: str, status: int = 200, **context: object) -> HTMLResponse:
 
 
 def error_page(request: Request, issues: list[Issue], status: int, headers: dict | None = None) -> Response:
-    answer = page("error.html", status, code=status, issues=issues)
+    """An error as a page: the clinician's results have their own (a patient's form is not where they came from)."""
+    name = "results_error.html" if request.url.path.startswith("/results") else "error.html"
+    answer = page(name, status, code=status, issues=issues)
     answer.headers.update(headers or {})
     return answer
 
 
-def _questionnaire() -> dict:
+def screening_questionnaire() -> dict:
     return next(q for q in data.definitions("Questionnaire") if q["id"] == SCREENING_ID)
 
 
-def signature(patient: str, secret: str) -> str:
-    """What a portal puts in `sig` for a link naming `patient`."""
-    return hmac.new(secret.encode(), patient.encode(), hashlib.sha256).hexdigest()
+def signature(patient: str, secret: str, *, clinician: bool = False) -> str:
+    """What a portal puts in `sig` for a link naming `patient` (an EHR, for a clinician's link)."""
+    message = f"{patient}|clinician" if clinician else patient
+    return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
 
 
-def _patient(request_values: dict[str, str], settings: ServiceSettings) -> str | None:
-    """The patient named by the link, when its signature holds.
+@dataclass(frozen=True, slots=True)
+class Viewer:
+    """Who the form is for, from its link: the patient (if named and signed) and whether a clinician fills it."""
+
+    patient: str | None
+    clinician: bool
+    sig: str
+
+    def link(self) -> str:
+        """The form's own link, to fill it in again for the same patient."""
+        params = {"patient": self.patient, "clinician": "1" if self.clinician else None, "sig": self.sig or None}
+        query = urlencode({k: v for k, v in params.items() if v})
+        return f"/?{query}" if query else "/"
+
+
+def _viewer(values: dict[str, str], settings: ServiceSettings) -> Viewer:
+    """The link's patient and role, when its signature holds.
 
     Without a form secret a link is trusted only while the rest of the API is
     open too: with an ingest token set, an unsigned form must not become a
     way round it (anyone could write results for any patient).
     """
-    patient = (request_values.get("patient") or "").strip()
-    if not patient:
-        return None
+    patient = (values.get("patient") or "").strip() or None
+    clinician = values.get("clinician") == "1"
     secret = settings.form_secret
-    if secret is None and settings.ingest_token is not None:
+    if (patient or clinician) and secret is None and settings.ingest_token is not None:
         raise refused(403)
-    if secret and not same(request_values.get("sig"), signature(patient, secret)):
+    signed = bool(patient) and same(values.get("sig"), signature(patient or "", secret or "", clinician=clinician))
+    if secret and (patient or clinician) and not signed:
         raise refused(403)
-    if not patient.startswith("Patient/"):
+    if patient and not patient.startswith("Patient/"):
         raise invalid("value", "The link names no patient this form can be saved for.")
-    return patient
+    return Viewer(patient, clinician, values.get("sig", "") if patient else "")
+
+
+def _fields(viewer: Viewer) -> tuple[form.Field, ...]:
+    return form.fields(screening_questionnaire(), clinician=viewer.clinician, urgency=rule_facts().flag_urgency)
+
+
+def _form(viewer: Viewer, status: int = 200, **context: object) -> HTMLResponse:
+    questionnaire = screening_questionnaire()
+    context = {"values": {}, "errors": {}, "form_id": str(uuid.uuid4()), "advice": None, **context}
+    return page("form.html", status, title=questionnaire.get("title", "Back pain questions"), viewer=viewer,
+                fields=_fields(viewer), messages=PATIENT_MESSAGES, **context)
 
 
 async def form_page(request: Request) -> Response:
-    values = dict(request.query_params)
-    patient = _patient(values, service(request).settings)
-    questionnaire = _questionnaire()
-    return page("form.html", title=questionnaire.get("title", "Back pain questions"),
-                fields=form.fields(questionnaire), patient=patient, sig=values.get("sig", ""))
+    return _form(_viewer(dict(request.query_params), service(request).settings))
+
+
+async def _read_form(request: Request) -> tuple[Service, dict[str, str], Viewer]:
+    svc = service(request)
+    values = _form_values(await formats.read_body(request, svc.settings.max_body_bytes))
+    return svc, values, _viewer(values, svc.settings)
+
+
+def _form_id(values: dict[str, str]) -> str | None:
+    """The opened form's id (a UUID the page carries), or None for a hand-made post."""
+    given = values.get("form-id", "")
+    return given if FORM_ID.match(given) else None
 
 
 async def submitted(request: Request) -> Response:
     """The form came back: score it, save it when a patient is named, and tell the patient what it means.
 
-    The patient always sees what their answers mean: answers that cannot be
-    read are left out (and named on the page), and a store that refuses or is
-    down costs only the saving (the page says so), never the message.
+    An answer that cannot be taken sends the form back (400) with the
+    message beside it; "send these answers now" (red flags, no script)
+    sends it back (200) with the advice on top. Both keep what was typed,
+    and save the valid answers as `in-progress` for a named patient.
     """
-    svc = service(request)
-    raw = await formats.read_body(request, svc.settings.max_body_bytes)
-    values = _form_values(raw)
-    patient = _patient(values, svc.settings)
-    questionnaire = _questionnaire()
-    qr, unreadable = form.response(questionnaire, svc.screener.questionnaires[questionnaire["url"]], values,
-                                   patient or UNSAVED_SUBJECT, datetime.now(UTC))
+    svc, values, viewer = await _read_form(request)
+    questionnaire, shown = screening_questionnaire(), _fields(viewer)
+    compiled = svc.screener.questionnaires[questionnaire["url"]]
+    errors = form.problems(shown, compiled, values)
+    form_id = _form_id(values) or str(uuid.uuid4())
+    if errors or values.get("stage") == RED_FLAG_STAGE:
+        saved, label = await _save_progress(svc, viewer, values, form_id)
+        return _form(viewer, 400 if errors else 200, values=values, errors=errors, form_id=form_id,
+                     advice=PATIENT_MESSAGES[label] if label in URGENT_OUTCOMES else None, progress_saved=saved)
+    qr = form.response(questionnaire, compiled, shown, values, viewer.patient or UNSAVED_SUBJECT,
+                       datetime.now(UTC), form_id=form_id if viewer.patient else None)
     job = prepare(svc.screener, qr)
-    outcome = job.outcome
-    svc.count(outcome.label)
+    svc.count(job.outcome.label)
     saved = not_sent = False
-    if patient:
+    if viewer.patient:
         try:
-            svc.log_written(outcome.label, await save(svc.store, job))
+            svc.log_written(job.outcome.label, await save(svc.store, job))
             saved = True
         except (FhirError, InvalidInput) as error:
             not_sent = True
-            svc.metrics.store_errors.inc()
-            event("form not saved", event="form-not-saved", reason=type(error).__name__,
-                  status=getattr(error, "status", None))
-    headline, advice, tone = PATIENT_MESSAGES.get(outcome.label, PATIENT_MESSAGES["indeterminate"])
-    questions = form.texts(questionnaire)
+            _not_saved(svc, error)
+    headline, advice, tone = PATIENT_MESSAGES.get(job.outcome.label, PATIENT_MESSAGES["indeterminate"])
     return page("patient_result.html", headline=headline, advice=advice, tone=tone, saved=saved,
-                not_sent=not_sent, unreadable=[questions.get(link_id, link_id) for link_id in unreadable])
+                not_sent=not_sent, again=viewer.link(), unanswered_flags=_unanswered_flags(shown, values))
+
+
+async def progress(request: Request) -> Response:
+    """The page's script sends the answers so far when a red flag is answered Yes: saved as `in-progress`."""
+    svc, values, viewer = await _read_form(request)
+    form_id = _form_id(values)
+    if form_id is None:
+        raise invalid("value", "The form's id is missing: reload the form.", "form-id")
+    saved, label = await _save_progress(svc, viewer, values, form_id)
+    return JSONResponse({"saved": saved, "outcome": label})
+
+
+async def _save_progress(svc: Service, viewer: Viewer, values: dict[str, str], form_id: str) -> tuple[bool, str]:
+    """Saves the valid answers so far as an `in-progress` response for a named patient (one response per
+    opened form); whether it was saved, and what the answers so far would mean (their red flags)."""
+    questionnaire = screening_questionnaire()
+    compiled = svc.screener.questionnaires[questionnaire["url"]]
+    qr = form.response(questionnaire, compiled, _fields(viewer), values, viewer.patient or UNSAVED_SUBJECT,
+                       datetime.now(UTC), status="in-progress", form_id=form_id)
+    label = prepare(svc.screener, {**qr, "status": "completed"}).outcome.label  # what it says so far
+    if not viewer.patient:
+        return False, label
+    try:
+        job = prepare(svc.screener, qr)
+        if job.outcome.bundle.get("entry"):  # the rules act on an in-progress response (its red flags)
+            await save(svc.store, job)
+        else:
+            await svc.store.update_where("QuestionnaireResponse",
+                                         {"identifier": token(form.FORM_SYSTEM, form_id, in_url=False)}, qr)
+        event("form progress saved", event="form-progress", outcome=label)
+        return True, label
+    except (FhirError, InvalidInput) as error:
+        _not_saved(svc, error)
+        return False, label
+
+
+def _not_saved(svc: Service, error: Exception) -> None:
+    svc.metrics.store_errors.inc()
+    event("form not saved", event="form-not-saved", reason=type(error).__name__, status=getattr(error, "status", None))
+
+
+def _unanswered_flags(shown: tuple[form.Field, ...], values: dict[str, str]) -> list[str]:
+    """The red-flag questions left empty: the result names them, so it never reassures about them."""
+    return [f.text for f in form.walk(shown) if f.urgency and not values.get(f.link_id, "").strip()]
 
 
 def _form_values(raw: bytes) -> dict[str, str]:
@@ -166,51 +264,3 @@ def _form_values(raw: bytes) -> dict[str, str]:
     except (UnicodeDecodeError, ValueError):
         raise invalid("structure", "The form could not be read.") from None
     return dict(pairs)
-
-
-async def results(request: Request) -> Response:
-    """A response's stored results: HTML for a clinician, a searchset Bundle for machines."""
-    svc = service(request)
-    qr_id = request.path_params["id"]
-    if not session_allows(request, qr_id):  # a clinician launched from the EHR for this response may see it
-        require_bearer(request, svc.settings.ingest_token)
-    qr = await svc.store.read(f"QuestionnaireResponse/{qr_id}")
-    if qr is None:
-        raise invalid("not-found", f"QuestionnaireResponse/{qr_id} is not in the store.", status=404)
-    try:
-        job = prepare(svc.screener, qr)  # for the identifiers its results are stored under
-    except InvalidInput:
-        raise invalid("not-supported", f"QuestionnaireResponse/{qr_id} is not a response this plugin scores.",
-                      status=404) from None
-    state = (await read_states(svc.store, [job], with_responses=False))[0] if job.observation_keys else None
-    observations = list(state.observations.values()) if state else []
-    tasks = list(state.tasks.values()) if state else []
-    if not wants_html(request):
-        entries = [{"resource": r, "search": {"mode": "match"}} for r in [*observations, *tasks]]
-        bundle = {"resourceType": "Bundle", "type": "searchset", "total": len(entries), "entry": entries}
-        return formats.reply(bundle, formats.wanted(request))
-    by_code = {o["code"]["coding"][0]["code"]: o for o in observations}
-    ordered = [by_code[c] for c in RESULT_ORDER if c in by_code] + [
-        o for c, o in by_code.items() if c not in RESULT_ORDER]
-    stored_outcome = by_code.get("screening-outcome", {}).get("valueCodeableConcept", {}).get("coding", [{}])[0]
-    return page("clinician_results.html", qr=qr, observations=[_view(o) for o in ordered], tasks=tasks,
-                outcome=stored_outcome.get("code", "not yet scored"))
-
-
-def _view(observation: dict) -> dict:
-    """An Observation as the clinician table shows it: each criterion met, not met or unknown."""
-    criteria = []
-    for component in observation.get("component", []):
-        value = component.get("valueBoolean")
-        state = "met" if value is True else "not met" if value is False else "unknown"
-        criteria.append({"name": component["code"]["coding"][0].get("display", ""), "state": state})
-    value = observation.get("valueCodeableConcept", {}).get("text")
-    if value is None:
-        value = next((observation[k] for k in ("valueInteger", "valueBoolean", "valueQuantity")
-                      if k in observation), None)
-        if isinstance(value, dict):
-            value = value.get("value")
-    interpretation = (observation.get("interpretation") or [{}])[0].get("coding", [{}])[0].get("display")
-    return {"title": observation["code"].get("text") or observation["code"]["coding"][0]["code"],
-            "value": "unknown" if value is None else value, "interpretation": interpretation,
-            "status": observation.get("status"), "criteria": criteria}

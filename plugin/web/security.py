@@ -24,8 +24,9 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 NOTIFY_HEADER = "x-notification-secret"
 # The pages load nothing from elsewhere: their script and styles are served by the plugin itself.
 PAGE_HEADERS = {
+    # connect-src: the form's script sends the answers so far to the plugin itself (a red flag answered Yes).
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+                               "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",

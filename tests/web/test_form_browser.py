@@ -6,7 +6,8 @@ screen reader would find them (`get_by_label`, radios by role within the
 question's fieldset), so a missing or wrong label fails here. Every page must
 load nothing from another host and log no console error (a Content Security
 Policy violation would). Screenshots of each filled form and result page are kept
-in tests/artifacts/ for a human to look at.
+in tests/screenshots/ (not in git) for a human to look at. axe-core (npm, tests/web/axe/) checks
+every page and state against WCAG 2.1 A and AA: no serious or critical violation.
 
 Chromium comes from the distribution (`apt-get install -y chromium`), never a
 Playwright download; without it the test fails rather than skips, so CI cannot
@@ -15,11 +16,13 @@ pass while silently not checking the page.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -28,10 +31,13 @@ import orjson
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, Request, expect, sync_playwright
 
-from tests.fhir_helpers import free_port, stop, wait_until_ready
+from plugin.stores.sqlite import SqliteStore
+from tests.fhir_helpers import free_port, npm_install, stop, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "screenshots"
+AXE = Path(__file__).resolve().parent / "axe"
+WCAG = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]
 QUESTIONNAIRE = orjson.loads((ROOT / "questionnaires" / "back-pain-screening.json").read_bytes())
 REFER_EXAMPLE = orjson.loads((ROOT / "questionnaires" / "examples" / "qr-refer-asas.json").read_bytes())
 PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True,
@@ -47,6 +53,9 @@ def _items(items: list[dict]) -> Iterator[dict]:
 
 
 ITEMS = {item["linkId"]: item for item in _items(QUESTIONNAIRE["item"])}
+# A patient's form leaves out the clinician group (test results), which a clinician's form keeps.
+PATIENT_ITEMS = {link_id for group in QUESTIONNAIRE["item"] if group["linkId"] != "clinician"
+                 for link_id in [group["linkId"], *(i["linkId"] for i in _items(group.get("item", [])))]}
 
 
 def text(link_id: str) -> str:
@@ -63,6 +72,7 @@ def choice_label(link_id: str, code: str) -> str:
 class Service:
     url: str
     log: Path
+    store: Path
 
     def said(self) -> str:
         """The end of the service's log, for a failure message (it logs no answers)."""
@@ -81,7 +91,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         [sys.executable, "-m", "plugin.jobs.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
          "--store", str(where / "store.sqlite3")],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    running = Service(f"http://127.0.0.1:{port}", where / "serve.log")
+    running = Service(f"http://127.0.0.1:{port}", where / "serve.log", where / "store.sqlite3")
     try:
         wait_until_ready(f"{running.url}/readyz", server, 30, running.said)
         yield running
@@ -126,9 +136,17 @@ class Visit:
             self.errors.append(f"{message.text} ({message.location.get('url')})")
 
 
+@pytest.fixture(scope="module")
+def axe_script() -> Path:
+    npm_install(AXE)
+    return AXE / "node_modules" / "axe-core" / "axe.min.js"
+
+
 @pytest.fixture
-def visit(browser: Browser, service: Service) -> Iterator[Visit]:
+def visit(browser: Browser, service: Service, axe_script: Path) -> Iterator[Visit]:
     context = browser.new_context(**PHONE, base_url=service.url)
+    # Added through DevTools, so the page's Content Security Policy (rightly) does not stop it.
+    context.add_init_script(path=axe_script)
     page = context.new_page()
     page.set_default_timeout(10_000)
     seen = Visit(page, service)
@@ -147,9 +165,32 @@ def visit(browser: Browser, service: Service) -> Iterator[Visit]:
 
 # --- acting like a user -------------------------------------------------------------------------------------------
 
-def open_form(visit: Visit) -> Page:
+def accessible(page: Page, state: str) -> None:
+    """axe-core on the page as it is now: no serious or critical WCAG 2.1 AA violation."""
+    found = page.evaluate("(tags) => axe.run(document, {runOnly: {type: 'tag', values: tags}})", WCAG)
+    bad = [f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes']][:3]}"
+           for v in found["violations"] if v["impact"] in ("serious", "critical")]
+    assert not bad, f"{state}: {bad}"
+    assert found["passes"], f"{state}: axe checked nothing"
+
+
+def shot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / f"{name}.png", full_page=True)
+
+
+def stored_responses(service: Service) -> list[dict]:
+    """The QuestionnaireResponses in the running service's own store, read from its file."""
+    async def read() -> list[dict]:
+        async with SqliteStore(service.store) as store:
+            return [r async for r in store.search("QuestionnaireResponse", {})]
+    with ThreadPoolExecutor(1) as other:  # Playwright's own event loop runs in this thread
+        return other.submit(asyncio.run, read()).result()
+
+
+def open_form(visit: Visit, query: str = "") -> Page:
     page = visit.page
-    response = page.goto("/")
+    response = page.goto(f"/{query}")
     assert response is not None and response.ok
     # The policy is what would block an inline script or an outside asset: it must be there for (e) to mean much.
     assert "script-src 'self'" in (response.headers.get("content-security-policy") or "")
@@ -190,8 +231,7 @@ def answer(page: Page, answers: dict[str, object]) -> None:
 def send(visit: Visit, name: str) -> dict[str, str]:
     """Keeps the filled form's picture, sends it, keeps the result's picture; the fields as the browser sent them."""
     page = visit.page
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=ARTIFACTS / f"{name}-form.png", full_page=True)
+    shot(page, f"{name}-form")
     with page.expect_response(f"{visit.service.url}/form") as sent:
         page.get_by_role("button", name="Send my answers").click()
     page.wait_for_load_state()
@@ -199,7 +239,8 @@ def send(visit: Visit, name: str) -> dict[str, str]:
     if sent.value.status != 200:
         pytest.fail(f"the form was answered with {sent.value.status}: {page.locator('main').inner_text()}\n"
                     f"The service's log:\n{visit.service.said()}")
-    page.screenshot(path=ARTIFACTS / f"{name}-result.png", full_page=True)
+    shot(page, f"{name}-result")
+    accessible(page, f"{name}: result")
     return dict(parse_qsl(sent.value.request.post_data or "", keep_blank_values=True))
 
 
@@ -225,7 +266,8 @@ def fits_the_width(page: Page) -> None:
 def test_a_refer_rheumatology(visit: Visit):
     """The answers of the referral example, typed and clicked in, give the referral headline."""
     page = open_form(visit)
-    answer(page, answers_of(REFER_EXAMPLE))
+    answer(page, {k: v for k, v in answers_of(REFER_EXAMPLE).items() if k in PATIENT_ITEMS})
+    accessible(page, "form, answered")
     send(visit, "refer-rheumatology")
     expect(page.get_by_role("status")).to_contain_text("Your care team may refer you to a specialist")
     expect(page.get_by_role("heading", level=1)).to_have_text("Your care team may refer you to a specialist")
@@ -240,7 +282,8 @@ def test_b_saddle_numbness_is_an_emergency(visit: Visit):
     send(visit, "emergency")
     alert = page.get_by_role("alert")
     expect(alert).to_be_visible()
-    expect(alert.get_by_role("heading", level=1)).to_have_text("Seek urgent care now")
+    # The heading's name, as a screen reader says it (the icon beside it is aria-hidden).
+    expect(alert.get_by_role("heading", level=1, name="Seek urgent care now", exact=True)).to_be_visible()
     expect(alert).to_contain_text("emergency department")
     fits_the_width(page)
 
@@ -316,7 +359,126 @@ def test_d_fits_a_phone_and_every_control_has_a_name(visit: Visit):
     assert len(controls) == inputs.count(), f"{inputs.count()} controls on the page, {len(controls)} in the AX tree"
     groups = {n.get("name", {}).get("value") for n in tree if n.get("role", {}).get("value") == "group"}
     for link_id, item in ITEMS.items():
+        if link_id not in PATIENT_ITEMS:
+            continue
         if item["type"] in ("choice", "boolean"):
             assert item["text"] in groups, f"{link_id}: its radios are not grouped under the question's wording"
         elif item["type"] in ("integer", "decimal", "string"):
             expect(page.get_by_label(item["text"], exact=True)).to_have_attribute("name", link_id)
+
+
+# --- safety first: red flags, stopping early, typing slips, sending twice ------------------------------------------
+
+RED_FLAGS = [i["linkId"] for g in QUESTIONNAIRE["item"] if g["linkId"] == "red-flags" for i in g["item"]]
+
+
+def top(page: Page, selector: str) -> float:
+    box = page.locator(selector).first.bounding_box()
+    assert box is not None, f"{selector} is not on screen"
+    return box["y"]
+
+
+def test_e_red_flag_on_a_phone_gets_advice_at_once_then_a_result_sent_once(visit: Visit):
+    """Red flags come first; a Yes shows the emergency advice before the rest of the form and saves the answers
+    so far; the finished form, double-clicked, is one response; 'fill in again' keeps the patient's link."""
+    patient = "Patient/browser-emergency"
+    page = open_form(visit, f"?patient={patient}")
+    expect(page.locator("fieldset.group").first).to_have_attribute("id", "group-red-flags")
+    expect(page.locator("#group-red-flags legend").first).to_contain_text("Part 1 of 3")
+    expect(page.get_by_text(text("hla-b27"))).to_have_count(0)  # the clinician's questions are not the patient's
+    expect(page.get_by_role("button", name="Send these answers now")).to_have_count(0)  # the script does it
+    accessible(page, "form, empty")
+
+    yes_no(page, "rf-bladder-bowel", True)
+    alert = page.get_by_role("alert")
+    expect(alert).to_contain_text("Seek urgent care now")
+    expect(alert).to_contain_text("emergency department")
+    assert top(page, "#flag-advice") < top(page, "#group-pain"), "the advice must come before the rest of the form"
+    expect(alert).to_contain_text("Your answers so far have been sent to your care team.")
+    shot(page, "red-flag-advice")
+    accessible(page, "form, red-flag advice")
+    (saved,) = stored_responses(visit.service)
+    assert saved["status"] == "in-progress" and saved["subject"]["reference"] == patient
+    assert answers_of(saved) == {"rf-bladder-bowel": True}
+
+    answer(page, {**{link_id: False for link_id in RED_FLAGS if link_id != "rf-bladder-bowel"},
+                  "pain-duration": "lt-6w"})
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" and r.url.endswith("/form") else None)
+    with page.expect_navigation():
+        page.get_by_role("button", name="Send my answers").dblclick()
+    expect(page.get_by_role("alert").get_by_role("heading", level=1)).to_contain_text("Seek urgent care now")
+    expect(page.get_by_role("heading", name="When to get help straight away")).to_be_visible()
+    expect(page.get_by_text("Your answers have been sent to your care team.")).to_be_visible()
+    shot(page, "red-flag-result")
+    accessible(page, "result, emergency")
+    assert len(posts) == 1, f"the form was sent {len(posts)} times"
+    (final,) = stored_responses(visit.service)  # the same response, now finished: not a second one
+    assert final["status"] == "completed" and final["identifier"] == saved["identifier"]
+    page.get_by_role("link", name="Fill in the form again").click()
+    expect(page).to_have_url(f"{visit.service.url}/?patient={patient.replace('/', '%2F')}")
+    expect(page.locator('input[name="patient"]')).to_have_value(patient)
+
+
+def test_f_a_patient_who_stops_after_the_red_flags_is_still_heard(visit: Visit):
+    """An urgent flag, then the page is closed: the answers so far are stored, and the advice was on screen."""
+    patient = "Patient/browser-stops"
+    page = open_form(visit, f"?patient={patient}")
+    answer(page, {**{link_id: False for link_id in RED_FLAGS}, "rf-fever": True})
+    alert = page.get_by_role("alert")
+    expect(alert).to_contain_text("Contact a doctor today")
+    expect(alert).not_to_contain_text("Seek urgent care now")
+    expect(alert).to_contain_text("Your answers so far have been sent to your care team.")
+    shot(page, "stopped-after-red-flags")
+    page.close()
+    mine = [r for r in stored_responses(visit.service) if r["subject"]["reference"] == patient]
+    assert len(mine) == 1 and mine[0]["status"] == "in-progress"
+    assert answers_of(mine[0]) == {**{link_id: False for link_id in RED_FLAGS}, "rf-fever": True}
+
+
+def test_g_an_age_of_200_is_refused_beside_the_field_by_browser_and_server(visit: Visit, browser: Browser):
+    message = "Enter a whole number from 0 to 120 years, or leave it empty."
+    page = open_form(visit)
+    answer(page, {"rf-saddle-numbness": False, "pain-duration": "1y-5y"})
+    enter(page, "onset-age", 200)
+    sent: list[str] = []
+    page.on("request", lambda r: sent.append(r.url) if r.method == "POST" else None)
+    page.get_by_role("button", name="Send my answers").click()
+    field = page.locator("#q-onset-age")
+    expect(field.get_by_text(message)).to_be_visible()
+    expect(page.get_by_label(text("onset-age"), exact=True)).to_be_focused()
+    expect(page.get_by_label(text("onset-age"), exact=True)).to_have_attribute("aria-invalid", "true")
+    assert not sent, "a form with an age of 200 was sent"
+    shot(page, "age-200-browser")
+    accessible(page, "form, age error (browser)")
+
+    # The same, with the browser's checks out of the way (no script): the server refuses it in the same words.
+    context = browser.new_context(**PHONE, base_url=visit.service.url, java_script_enabled=False)
+    try:
+        bare = context.new_page()
+        bare.goto("/")
+        yes_no(bare, "rf-saddle-numbness", True)
+        enter(bare, "onset-age", 200)
+        with bare.expect_response(f"{visit.service.url}/form") as answered:
+            bare.get_by_role("button", name="Send my answers").click()
+        assert answered.value.status == 400
+        expect(bare.locator("#q-onset-age").get_by_text(message)).to_be_visible()
+        expect(bare.get_by_label(text("onset-age"), exact=True)).to_have_value("200")  # kept, to be corrected
+        headings = bare.locator("h2").all_inner_texts()
+        assert headings.index(next(h for h in headings if "Seek urgent care now" in h)) < headings.index(
+            "Please check this answer"), headings  # the emergency before the typing slip
+        shot(bare, "age-200-server")
+    finally:
+        context.close()
+
+
+def test_h_a_result_never_reassures_about_unanswered_red_flags(visit: Visit):
+    page = open_form(visit)
+    answer(page, {"rf-saddle-numbness": False, "rf-bladder-bowel": False, "pain-duration": "lt-6w"})
+    send(visit, "unanswered-red-flags")
+    unanswered = page.get_by_role("region", name="Questions about warning signs you did not answer")
+    for link_id in RED_FLAGS[2:]:
+        expect(unanswered).to_contain_text(text(link_id))
+    expect(unanswered).not_to_contain_text(text("rf-saddle-numbness"))
+    expect(page.get_by_text("No signs of inflammatory back pain")).to_have_count(0)
+    expect(page.get_by_role("heading", name="When to get help straight away")).to_be_visible()

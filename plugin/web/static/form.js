@@ -1,10 +1,14 @@
-// enableWhen for the patient form: a question shows only when its conditions hold; a hidden one is
-// disabled, so its answer is not sent. Without this script every question shows, and the server drops
-// answers to questions that should have been hidden.
+// The patient form's behaviour; the form works without it (the server does each of these again).
+// - enableWhen: a question shows only when its conditions hold; a hidden one is disabled, so its answer is not sent.
+// - Red flags: a Yes shows what to do at once, below the red-flag questions, and sends the answers so far
+//   (an in-progress response) so they reach the care team even if the patient stops there.
+// - Numbers out of range are named beside the field, in the words the server would use, before sending.
+// - A form is sent once: a double click does not send it twice.
 (function () {
   'use strict';
   var form = document.getElementById('screening');
   if (!form) return;
+  var sending = false;
 
   function current(name) {
     var inputs = form.querySelectorAll('[name="' + name + '"]');
@@ -53,7 +57,90 @@
     }
   }
 
-  form.addEventListener('change', update);
+  // The most severe red flag answered Yes: 'emergency', 'urgent' or null.
+  function flagged() {
+    var worst = null;
+    var flags = form.querySelectorAll('[data-urgency]');
+    for (var i = 0; i < flags.length; i++) {
+      var yes = flags[i].querySelector('input[value="true"]:checked');
+      if (!yes) continue;
+      var urgency = flags[i].getAttribute('data-urgency');
+      if (urgency === 'emergency') return urgency;
+      worst = urgency;
+    }
+    return worst;
+  }
+
+  function showAdvice(urgency) {
+    var box = document.getElementById('flag-advice');
+    if (!box || document.getElementById('advice-now')) return null;  // the server already shows it at the top
+    box.hidden = urgency === null;
+    var sections = box.querySelectorAll('[data-advice]');
+    var shown = null;
+    for (var i = 0; i < sections.length; i++) {
+      sections[i].hidden = sections[i].getAttribute('data-advice') !== urgency;
+      if (!sections[i].hidden) shown = sections[i];
+    }
+    return shown;
+  }
+
+  function saveProgress(section) {
+    var url = form.getAttribute('data-progress');
+    var status = section && section.querySelector('[data-progress-status]');
+    if (!url || !window.fetch) return;
+    var body = new URLSearchParams(new FormData(form));
+    body.delete('stage');
+    if (status) status.textContent = 'Sending your answers so far to your care team…';
+    fetch(url, {method: 'POST', body: body, credentials: 'same-origin'})
+      .then(function (answer) { return answer.ok ? answer.json() : {saved: false}; })
+      .catch(function () { return {saved: false}; })
+      .then(function (result) {
+        if (!status) return;
+        status.textContent = result.saved ? 'Your answers so far have been sent to your care team.'
+          : 'Your answers could not be sent just now: please follow the advice above and show this page to your care team.';
+      });
+  }
+
+  function onFlag(event) {
+    var question = event.target.closest && event.target.closest('[data-urgency]');
+    if (!question) return;
+    var urgency = flagged();
+    var section = showAdvice(urgency);
+    if (urgency !== null) saveProgress(section);
+  }
+
+  function validate(input) {
+    var message = document.getElementById('err-' + input.name);
+    var wrong = !input.disabled && !input.validity.valid;
+    if (message) message.hidden = !wrong;
+    if (wrong) input.setAttribute('aria-invalid', 'true'); else input.removeAttribute('aria-invalid');
+    var question = input.closest('.question');
+    if (question) question.classList.toggle('invalid', wrong);
+    return !wrong;
+  }
+
+  function numbers() { return form.querySelectorAll('input[type="number"]'); }
+
+  form.addEventListener('change', function (event) {
+    update();
+    onFlag(event);
+    if (event.target.type === 'number') validate(event.target);
+  });
   form.addEventListener('input', update);
+  form.addEventListener('submit', function (event) {
+    if (sending) { event.preventDefault(); return; }
+    var first = null;
+    var inputs = numbers();
+    for (var i = 0; i < inputs.length; i++) if (!validate(inputs[i]) && !first) first = inputs[i];
+    if (first) { event.preventDefault(); first.focus(); return; }
+    sending = true;  // later clicks do nothing; the button says so
+    var button = document.getElementById('send');
+    if (button) { button.setAttribute('aria-disabled', 'true'); button.textContent = 'Sending…'; }
+  });
+  // With this script, the red-flag advice comes by itself: the no-script button would only get in the way
+  // (and, as the first button, would be what Enter presses).
+  var extras = form.querySelectorAll('.no-script');
+  for (var k = 0; k < extras.length; k++) extras[k].parentNode.removeChild(extras[k]);
   update();
+  showAdvice(flagged());
 })();

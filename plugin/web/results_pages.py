@@ -1,0 +1,137 @@
+"""The clinician's pages: one response's results (`/results/{id}`) and the index of recent ones (`/results`).
+
+Both need what the results need: the ingest bearer token, or for one
+response a SMART launch session or a signed results link naming it. For
+machines `/results/{id}` is a searchset Bundle of its Observations and Tasks.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from urllib.parse import urlencode
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from plugin.fhir import formats
+from plugin.screening import systems
+from plugin.screening.outcome import InvalidInput, invalid
+from plugin.stores.store import Store
+from plugin.stores.writeback import prepare, read_states
+from plugin.web import form, results_view
+from plugin.web.access import session_allows
+from plugin.web.pages import page, screening_questionnaire, wants_html
+from plugin.web.security import require_bearer
+from plugin.web.service import service
+
+PAGE_SIZE = 25
+MAX_PAGE_SIZE = 100
+URGENCY_RANK = {"emergency-assessment": 0, "urgent-assessment": 1, "indeterminate": 2, "test-hla-b27": 3,
+                "refer-rheumatology": 3, "no-referral-indicated": 4, "not-applicable": 4}
+
+
+async def results(request: Request) -> Response:
+    """A response's stored results: HTML for a clinician, a searchset Bundle for machines."""
+    svc = service(request)
+    qr_id = request.path_params["id"]
+    if not session_allows(request, qr_id):  # a clinician launched from the EHR for this response may see it
+        if request.query_params.get("access"):
+            raise invalid("forbidden", "This results link has expired or is not for this response. Open the "
+                          "result again from the patient's record.", status=403)
+        require_bearer(request, svc.settings.ingest_token)
+    qr = await svc.store.read(f"QuestionnaireResponse/{qr_id}")
+    patient = request.query_params.get("patient")
+    if qr is None or (patient and (qr.get("subject") or {}).get("reference") != patient):
+        raise invalid("not-found", f"QuestionnaireResponse/{qr_id} is not in the store"
+                      f"{' for this patient' if patient else ''}.", status=404)
+    try:
+        job = prepare(svc.screener, qr)  # for the identifiers its results are stored under
+    except InvalidInput:
+        raise invalid("not-supported", f"QuestionnaireResponse/{qr_id} is not a response this plugin scores.",
+                      status=404) from None
+    state = (await read_states(svc.store, [job], with_responses=False))[0] if job.observation_keys else None
+    observations = list(state.observations.values()) if state else []
+    tasks = list(state.tasks.values()) if state else []
+    if not wants_html(request):
+        entries = [{"resource": r, "search": {"mode": "match"}} for r in [*observations, *tasks]]
+        bundle = {"resourceType": "Bundle", "type": "searchset", "total": len(entries), "entry": entries}
+        return formats.reply(bundle, formats.wanted(request))
+    shown = results_view.view(qr, observations, tasks, form.texts(screening_questionnaire()))
+    return page("clinician_results.html", qr=qr, view=shown)
+
+
+async def index(request: Request) -> Response:
+    """Recent responses, for one patient (`?patient=Patient/x`) or everyone, a page at a time.
+
+    Newest first across pages (`?before=` the last one's date); within a
+    page the most urgent come first, so an emergency is never below a routine result.
+    """
+    svc = service(request)
+    require_bearer(request, svc.settings.ingest_token)
+    patient = (request.query_params.get("patient") or "").strip()
+    before = (request.query_params.get("before") or "").strip()
+    count = _count(request.query_params.get("count"))
+    params = {"code": f"{systems.RESULTS}|screening-outcome", "_sort": "-date", "_count": str(count)}
+    if patient:
+        params["patient"] = patient
+    if before:
+        _check_date(before)
+        params["date"] = f"lt{before}"
+    found = await svc.store.search_page("Observation", params)
+    outcomes = [e["resource"] for e in found.get("entry", []) if e.get("resource", {}).get("resourceType")
+                == "Observation"]
+    tasks = await _open_tasks(svc.store, [_response_of(o) for o in outcomes])
+    rows = sorted((_row(o, tasks) for o in outcomes), key=lambda r: r["date"], reverse=True)
+    rows.sort(key=lambda r: r["rank"])  # stable: the newest first within each urgency
+    next_link = None
+    if outcomes and len(outcomes) == count:  # a full page: there may be older ones
+        oldest = min(o.get("effectiveDateTime", "") for o in outcomes)
+        query = {"patient": patient, "count": str(count) if count != PAGE_SIZE else "", "before": oldest}
+        next_link = "/results?" + urlencode({k: v for k, v in query.items() if v})
+    return page("results_index.html", rows=rows, patient=patient, next_link=next_link, before=before)
+
+
+def _count(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return PAGE_SIZE
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE_SIZE:
+        raise invalid("value", f"count must be a whole number from 1 to {MAX_PAGE_SIZE}.", "count")
+    return int(raw)
+
+
+def _check_date(raw: str) -> None:
+    try:
+        datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise invalid("value", "before must be a date and time (as in the page's own links).", "before") from None
+
+
+def _response_of(observation: dict) -> str:
+    return next((r.get("reference", "") for r in observation.get("derivedFrom", [])
+                 if r.get("reference", "").startswith("QuestionnaireResponse/")), "")
+
+
+async def _open_tasks(store: Store, responses: list[str]) -> dict[str, list[dict]]:
+    """Open Tasks by the response they are about, in one search."""
+    wanted = [r for r in responses if r]
+    if not wanted:
+        return {}
+    found = await store.search_page("Task", {"focus": ",".join(wanted), "status": ",".join(results_view.OPEN_TASK),
+                                             "_count": str(MAX_PAGE_SIZE * 4)})
+    by_response: dict[str, list[dict]] = {}
+    for entry in found.get("entry", []):
+        task = entry.get("resource", {})
+        by_response.setdefault((task.get("focus") or {}).get("reference", ""), []).append(task)
+    return by_response
+
+
+def _row(outcome: dict, tasks: dict[str, list[dict]]) -> dict:
+    code = results_view.outcome_code(outcome)
+    response = _response_of(outcome)
+    open_tasks = sorted(tasks.get(response, []), key=results_view.task_rank)
+    tone, headline, _ = results_view.OUTCOMES.get(code, results_view.NOT_SCORED)
+    return {"rank": URGENCY_RANK.get(code, 5), "tone": tone, "icon": results_view.ICONS[tone], "headline": headline,
+            "code": code, "date": outcome.get("effectiveDateTime", ""), "status": outcome.get("status", ""),
+            "patient": (outcome.get("subject") or {}).get("reference", ""), "tasks": open_tasks,
+            "link": f"/results/{response.removeprefix('QuestionnaireResponse/')}" if response else None}
+
