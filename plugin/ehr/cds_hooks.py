@@ -36,8 +36,8 @@ from plugin.screening.building import instant
 from plugin.screening.outcome import InvalidInput, Issue, invalid
 from plugin.screening.parsing import parse_json
 from plugin.screening.references import valid_id
+from plugin.screening.timeline import date_range
 from plugin.settings import ServiceSettings
-from plugin.stores.sqlite_search import date_range
 from plugin.stores.store import Store
 from plugin.web import access
 from plugin.web.api import base_url

@@ -16,6 +16,7 @@ from typing import Any
 from plugin.screening.outcome import InvalidInput, Issue, model_issue
 from plugin.screening.questionnaire import SLOW, CompiledQuestionnaire, EnableWhen, ItemSpec
 from plugin.screening.references import ACCEPTED_FORMS, patient_id, valid_id
+from plugin.screening.timeline import on_timeline
 
 STATUSES = frozenset({"in-progress", "completed", "amended", "entered-in-error", "stopped"})
 MAX_ITEMS = 1000  # the screening has ~40 items; far more is a wrong or hostile body
@@ -137,6 +138,9 @@ def _check_header(qr: dict, fhir_base: str | None) -> list[Issue]:
     authored = qr.get("authored")
     if authored is not None and not (isinstance(authored, str) and DATETIME.fullmatch(authored)):
         issues.append(Issue("value", "authored is not a valid FHIR dateTime.", f"{ROOT}.authored"))
+    elif authored is not None and not on_timeline(authored):
+        issues.append(Issue("value", "authored with its time zone falls outside the years 0001-9999 in UTC.",
+                            f"{ROOT}.authored"))
     return issues
 
 

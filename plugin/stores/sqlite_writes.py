@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 
+from plugin.screening.timeline import instant
 from plugin.stores import sqlite_search as search
 from plugin.stores.sqlite_search import ID, literal_reference, refused
 
@@ -88,9 +89,9 @@ class Writer:
         """This transaction's lastUpdated: later than any before it, even if the clock stepped back."""
         if self._now is None:
             row = self.conn.execute("SELECT last FROM clock").fetchone()
-            now = search.instant(datetime.now(UTC))
+            now = instant(datetime.now(UTC))
             if row and now <= row[0]:
-                now = search.instant(datetime.fromisoformat(row[0]) + timedelta(milliseconds=1))
+                now = instant(datetime.fromisoformat(row[0]) + timedelta(milliseconds=1))
             self.conn.execute("INSERT OR REPLACE INTO clock (only, last) VALUES (0, ?)", [now])
             self._now = now
         return self._now
