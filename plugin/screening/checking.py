@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from plugin.screening.modifiers import modifier_issues
 from plugin.screening.outcome import InvalidInput, Issue, model_issue
 from plugin.screening.questionnaire import SLOW, CompiledQuestionnaire, EnableWhen, ItemSpec
 from plugin.screening.references import ACCEPTED_FORMS, patient_id, valid_id
@@ -73,7 +74,7 @@ def check_response(
     if qr.get("resourceType") != ROOT:
         got = qr.get("resourceType")
         raise InvalidInput([Issue("invalid", f"Expected a QuestionnaireResponse, got {_name(got)}.", "resourceType")])
-    issues = _check_header(qr, fhir_base)
+    issues = _check_header(qr, fhir_base) + modifier_issues(qr, ROOT)
     q = _find_questionnaire(qr.get("questionnaire"), questionnaires, issues)
     if q is None:
         raise InvalidInput(issues)
