@@ -36,8 +36,8 @@ from plugin.screening.building import instant
 from plugin.screening.outcome import InvalidInput, Issue, invalid
 from plugin.screening.parsing import parse_json
 from plugin.screening.references import valid_id
+from plugin.screening.timeline import date_range
 from plugin.settings import ServiceSettings
-from plugin.stores.sqlite_search import date_range
 from plugin.stores.store import Store
 from plugin.web import access
 from plugin.web.api import base_url
@@ -119,7 +119,18 @@ def _link_access(settings: ServiceSettings) -> Callable[[str], str] | None:
 
 
 async def authenticate(request: Request, path: str) -> dict:
-    return await cds_auth.check(verifier(request), request.headers.get("authorization"), base_url(request) + path)
+    """The JWT's claims; its `aud` must be this endpoint's URL as configured, never as the request's Host
+    header says (anyone can send any Host, so a token minted for another service would pass)."""
+    audience = audience_base(service(request).settings) + path
+    return await cds_auth.check(verifier(request), request.headers.get("authorization"), audience)
+
+
+def audience_base(settings: ServiceSettings) -> str:
+    """`BACKPAIN_PUBLIC_URL`, else the URL the service listens on (`http://{host}:{port}`)."""
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return f"http://{host}:{settings.port}"
 
 
 def verifier(request: Request) -> cds_auth.Verifier:

@@ -29,7 +29,6 @@ from plugin.fhir import formats
 from plugin.fhir.client import matches
 from plugin.screening import data, references
 from plugin.screening.outcome import InvalidInput, Issue, invalid, model_issue
-from plugin.screening.parsing import parse_body
 from plugin.stores.store import Store
 from plugin.web.security import require_bearer
 from plugin.web.service import service
@@ -74,7 +73,7 @@ async def _parameters(request: Request) -> list[dict]:
     svc = service(request)
     require_bearer(request, svc.settings.ingest_token)  # the answer carries the patient's record
     limit = svc.settings.max_body_bytes
-    body = parse_body(await formats.read_body(request, limit), formats.sent(request), limit)
+    body = await formats.read_resource(request, limit)
     if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
         raise invalid("invalid", "$populate takes a Parameters resource.", "resourceType")
     params = body.get("parameter", [])

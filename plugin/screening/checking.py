@@ -13,9 +13,11 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from plugin.screening.modifiers import modifier_issues
 from plugin.screening.outcome import InvalidInput, Issue, model_issue
 from plugin.screening.questionnaire import SLOW, CompiledQuestionnaire, EnableWhen, ItemSpec
 from plugin.screening.references import ACCEPTED_FORMS, patient_id, valid_id
+from plugin.screening.timeline import on_timeline
 
 STATUSES = frozenset({"in-progress", "completed", "amended", "entered-in-error", "stopped"})
 MAX_ITEMS = 1000  # the screening has ~40 items; far more is a wrong or hostile body
@@ -72,7 +74,7 @@ def check_response(
     if qr.get("resourceType") != ROOT:
         got = qr.get("resourceType")
         raise InvalidInput([Issue("invalid", f"Expected a QuestionnaireResponse, got {_name(got)}.", "resourceType")])
-    issues = _check_header(qr, fhir_base)
+    issues = _check_header(qr, fhir_base) + modifier_issues(qr, ROOT)
     q = _find_questionnaire(qr.get("questionnaire"), questionnaires, issues)
     if q is None:
         raise InvalidInput(issues)
@@ -137,6 +139,9 @@ def _check_header(qr: dict, fhir_base: str | None) -> list[Issue]:
     authored = qr.get("authored")
     if authored is not None and not (isinstance(authored, str) and DATETIME.fullmatch(authored)):
         issues.append(Issue("value", "authored is not a valid FHIR dateTime.", f"{ROOT}.authored"))
+    elif authored is not None and not on_timeline(authored):
+        issues.append(Issue("value", "authored with its time zone falls outside the years 0001-9999 in UTC.",
+                            f"{ROOT}.authored"))
     return issues
 
 

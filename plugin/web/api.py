@@ -15,7 +15,6 @@ from plugin.fhir.capability import capability_statement
 from plugin.fhir.searchset import searchset
 from plugin.screening import data
 from plugin.screening.outcome import invalid
-from plugin.screening.parsing import parse_body
 from plugin.stores.writeback import Written, prepare, save, submit
 from plugin.web.security import require_bearer, require_notify_secret
 from plugin.web.service import service
@@ -132,9 +131,7 @@ async def notified_without_payload(request: Request) -> Response:
 
 async def read_response(request: Request) -> dict:
     """A QuestionnaireResponse from the body, or from a Parameters `questionnaire-response` (SDC)."""
-    limit = service(request).settings.max_body_bytes
-    body = await formats.read_body(request, limit)
-    resource = parse_body(body, formats.sent(request), limit)
+    resource = await formats.read_resource(request, service(request).settings.max_body_bytes)
     if isinstance(resource, dict) and resource.get("resourceType") == "Parameters":
         parameter = next((p for p in resource.get("parameter") or [] if isinstance(p, dict)
                           and p.get("name") == "questionnaire-response"), None)

@@ -1000,7 +1000,7 @@ def test_deeply_nested_xml():
     body = (b'<QuestionnaireResponse xmlns="http://hl7.org/fhir"><status value="completed"/>'
             + b"<item>" * DEPTH + b"</item>" * DEPTH + b"</QuestionnaireResponse>")
     error = reject(body=body, content_type=XML)
-    assert error.status == 400
+    assert error.status in (400, 413)  # 413: more elements than the limit, found before the depth
 
 
 def test_moderately_nested_xml():

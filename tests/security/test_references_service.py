@@ -63,7 +63,8 @@ def test_a_notification_about_a_look_alike_subject_is_refused(client, reference)
 
 @pytest.mark.parametrize("reference", LOOK_ALIKES)
 def test_populate_refuses_a_look_alike_subject(client, reference):
-    params = {"resourceType": "Parameters", "parameter": [{"name": "subject", "valueReference": {"reference": reference}}]}
+    subject = {"name": "subject", "valueReference": {"reference": reference}}
+    params = {"resourceType": "Parameters", "parameter": [subject]}
     answer = client.post("/Questionnaire/back-pain-screening/$populate", content=orjson.dumps(params), headers=JSON)
     assert answer.status_code == 400, answer.text
     assert expressions(answer) == ["Parameters.parameter.where(name='subject')"]
