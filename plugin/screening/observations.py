@@ -23,6 +23,7 @@ INTERPRETATION = {
 }
 TRUTH_INTERPRETATION = {True: INTERPRETATION["POS"], False: INTERPRETATION["NEG"], None: INTERPRETATION["IND"]}
 CACHE_LIMIT = 4096
+NA = "not-applicable"  # a component's state when its result does not apply
 
 
 def coded(system: str, code: str, display: str) -> dict:
@@ -86,7 +87,8 @@ class ObservationBuilder:
             return found
         found = {}
         summary = _VALUE_SETTERS[parts.spec.kind](self, found, result)
-        states = result.criteria + result.also
+        # A threshold of a result that does not apply (Berlin over 50) is not-applicable, never "false".
+        states = result.criteria + (result.also if result.applies is not False else (NA,) * len(result.also))
         components = [parts.components[i][t] for i, t in enumerate(states)] + _score_components(parts, result)
         if components:
             found["component"] = components
@@ -170,6 +172,7 @@ def _components(code: dict) -> dict[Any, dict]:
         True: {"code": code, "valueBoolean": True},
         False: {"code": code, "valueBoolean": False},
         None: {"code": code, "dataAbsentReason": UNKNOWN},
+        NA: {"code": code, "dataAbsentReason": NOT_APPLICABLE},
     }
 
 
