@@ -8,10 +8,10 @@ the findings of each state are made once and shared (never mutated).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from plugin.screening import narrative, systems
+from plugin.screening import data, narrative, systems
 from plugin.screening.mappings import INTERPRETATIONS, ResultSpec, RuleSet
 from plugin.screening.scoring import TRUTH_WORDS, Result
 
@@ -59,6 +59,10 @@ class ObservationBuilder:
             for code, v in rule_set.values.items()
         }
         self.parts = [self._parts(spec) for spec in rule_set.emitted(strategy)]
+        advice = data.safety_netting("clinician")
+        if advice:  # the one-word summary a clinician reads first ends with what to do if symptoms change
+            self.parts = [replace(p, tail=p.tail + narrative.paragraph("Safety-netting", narrative.escape(advice)))
+                          if p.spec.code == rule_set.outcome_result else p for p in self.parts]
 
     def _parts(self, spec: ResultSpec) -> Parts:
         code = concept(systems.RESULTS, spec.code, spec.title)

@@ -197,3 +197,26 @@ def put_as_the_ehr_would(service: TestClient, qr: dict) -> None:
               "entry": [{"resource": qr, "request": {"method": "PUT", "url": f"QuestionnaireResponse/{qr['id']}"}}]}
     answer = service.portal.call(store.transaction, bundle)
     assert answer["entry"][0]["response"]["status"][:3] in ("200", "201")
+
+
+@pytest.mark.parametrize("answers", [{"rf-saddle-numbness": "true"}, {"rf-saddle-numbness": "false"}, {}])
+def test_every_result_a_patient_reads_ends_with_safety_netting(tmp_path: Path, answers: dict):
+    with TestClient(create_app(ServiceSettings(store_path=tmp_path / "store.sqlite3"))) as client:
+        page = client.post("/form", data=answers)
+    assert page.status_code == 200
+    assert "numbness around your bottom or genitals" in page.text and "get emergency care now" in page.text
+    assert "caused by inflammation" not in page.text  # never overstates what the criteria show
+
+
+def test_every_cds_card_and_outcome_narrative_ends_with_safety_netting():
+    from plugin.ehr.cds_cards import FOOTER
+    from plugin.screening import data
+    from plugin.screening.pipeline import Screener
+
+    advice = data.safety_netting("clinician")
+    assert "saddle numbness" in advice and "NG65 rec. 1.1.7" in advice
+    assert FOOTER.startswith(advice)
+    bundle = Screener().process(response({"rf-saddle-numbness": False})).bundle
+    outcome = next(e["resource"] for e in bundle["entry"] if e["resource"].get("code", {}).get("coding", [{}])[0]
+                   .get("code") == "screening-outcome")
+    assert outcome["text"]["div"].endswith(f"<b>Safety-netting</b>: {advice}</p></div>")
