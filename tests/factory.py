@@ -11,12 +11,20 @@ SCREENING = "https://backpain-screen.org/fhir/Questionnaire/back-pain-screening"
 BASDAI = "https://backpain-screen.org/fhir/Questionnaire/basdai"
 
 
+# The version a response names unless a test says otherwise. The hand-worked cases and most tests
+# were written for screening 1.0.0 (nine red flags), which stays published and scorable; 1.1.0
+# cases name their version.
+V1_0, V1_1 = "1.0.0", "1.1.0"
+DEFAULT_VERSION = V1_0
+
+
 @cache
-def questionnaire(url: str) -> dict:
-    return next(q for q in data.definitions("Questionnaire") if q["url"] == url)
+def questionnaire(url: str, version: str | None = None) -> dict:
+    wanted = version or (DEFAULT_VERSION if url == SCREENING else None)
+    return next(q for q in data.definitions("Questionnaire") if q["url"] == url and wanted in (None, q["version"]))
 
 
-def item_types(url: str = SCREENING) -> dict[str, str]:
+def item_types(url: str = SCREENING, version: str | None = None) -> dict[str, str]:
     """linkId -> item type, for answerable items."""
     found: dict[str, str] = {}
 
@@ -26,7 +34,7 @@ def item_types(url: str = SCREENING) -> dict[str, str]:
                 found[item["linkId"]] = item["type"]
             walk(item.get("item", []))
 
-    walk(questionnaire(url)["item"])
+    walk(questionnaire(url, version)["item"])
     return found
 
 
@@ -37,8 +45,9 @@ def answer(item_type: str, value: Any) -> dict:
     return {key: value}
 
 
-def response(answers: dict[str, Any], url: str = SCREENING, status: str = "completed", **extra: Any) -> dict:
-    """A QR answering `answers` (linkId -> value; None or absent = unanswered)."""
+def response(answers: dict[str, Any], url: str = SCREENING, status: str = "completed", version: str | None = None,
+             **extra: Any) -> dict:
+    """A QR answering `answers` (linkId -> value; None or absent = unanswered), naming its version."""
 
     def walk(items: list[dict]) -> list[dict]:
         out = []
@@ -53,11 +62,11 @@ def response(answers: dict[str, Any], url: str = SCREENING, status: str = "compl
 
     qr = {
         "resourceType": "QuestionnaireResponse",
-        "questionnaire": url,
+        "questionnaire": f"{url}|{questionnaire(url, version)['version']}",
         "status": status,
         "subject": {"reference": "Patient/example"},
         "authored": "2026-11-20T09:30:00Z",
-        "item": walk(questionnaire(url)["item"]),
+        "item": walk(questionnaire(url, version)["item"]),
     }
     qr.update(extra)
     return qr

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from plugin.screening.mappings import items_of
 from tests import factory
 
 ROOT = "QuestionnaireResponse"
@@ -139,6 +140,8 @@ class RuleTranslator:
         code, kind = raw["code"], raw["kind"]
         criteria: list[str] = []
         for criterion in raw.get("criteria", []):
+            if not items_of(criterion["rule"]) <= set(self.items):
+                continue  # about an item this Questionnaire version does not ask (mappings `asked_in`)
             expression = self.rule(criterion["rule"])
             self.criteria[criterion["code"]] = expression
             criteria.append(expression)

@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from plugin.screening import systems
+from plugin.screening import data, systems
 from plugin.screening.identity import uuid5
 
 SERVICE_ID = "backpain-screening"
@@ -239,7 +239,8 @@ def indeterminate_card(outcome: dict, members: list[dict], ctx: Context) -> dict
     return card
 
 
-FOOTER = "_Suggested by backpain-screen from the patient's own answers; the clinician decides._"
+FOOTER = (f"{data.safety_netting('clinician')}\n\n"
+          "_Suggested by backpain-screen from the patient's own answers; the clinician decides._")
 
 
 def task_detail(task: dict, kind: Kind, reason: dict | None, latest: dict | None, when: str | None) -> str:

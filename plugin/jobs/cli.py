@@ -22,11 +22,11 @@ from plugin.jobs.bulk import BadInput, Line, Partition, check_readable, expand, 
 from plugin.jobs.upload import FAILED, upload, upload_summary
 from plugin.screening.outcome import InvalidInput, invalid
 from plugin.screening.parsing import parse_body
-from plugin.screening.pipeline import Outcome, Screener, Settings
+from plugin.screening.pipeline import Outcome, Screener, Settings, recorded
 from plugin.settings import service_settings
 from plugin.stores.store import Store, open_store
 from plugin.stores.sync import SyncBusy, default_state_file, sync
-from plugin.stores.writeback import Written, publish, submit
+from plugin.stores.writeback import Written, prepare, publish, raise_refusal, save
 
 EXIT_SERVER = 1  # the FHIR server refused or could not be reached
 EXIT_BAD_INPUT = 2
@@ -150,9 +150,11 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     async def run() -> tuple[Outcome, list[Written]]:
         body, content_type = _read(args.file, settings.max_body_bytes)
         qr = parse_body(body, content_type, settings.max_body_bytes)
-        screener.check(qr)  # refuse bad input before the server is asked anything
+        job = prepare(screener, qr)  # bad input with no red flag is refused before the server is asked anything
         async with _client(args) as client:
-            return await submit(client, screener, qr)
+            written = await save(client, job)
+        raise_refusal(job)  # refused, but its red flags were written: exit 2, saying so
+        return job.outcome, written
 
     try:
         outcome, written = asyncio.run(run())
@@ -296,7 +298,7 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
         body, content_type = _read(args.file, settings.max_body_bytes)
         outcome = screener.process_body(body, content_type)
     except InvalidInput as error:
-        return _refuse(error)
+        return _refuse(recorded(error) if error.rescued else error)
     _print_json(outcome.bundle)
     print(f"backpain-screen: outcome {outcome.label}", file=sys.stderr)
     return 0

@@ -82,7 +82,10 @@ def _score(text: bytes | None) -> Scored:
         return Scored(INVALID, error.summary())
     if not job.outcome.bundle.get("entry"):
         return Scored(job.outcome.label)  # in-progress or stopped: nothing to write
-    return Scored(job.outcome.label, None, orjson.dumps(job.qr), orjson.dumps(job.outcome.bundle),
+    label, why = job.outcome.label, None
+    if job.refused is not None:  # counted and named as invalid, and its red flags written all the same
+        label, why = INVALID, f"{job.refused.summary()} Its red flags are written all the same."
+    return Scored(label, why, orjson.dumps(job.qr), orjson.dumps(job.outcome.bundle),
                   tuple(job.observation_keys), tuple(job.task_keys))
 
 

@@ -18,14 +18,17 @@ import orjson
 
 from plugin import __version__
 from plugin.screening import narrative, systems
+from plugin.screening.checking import DATETIME
 from plugin.screening.identity import given_identifier, own_identifier, response_key, token, uuid5
 from plugin.screening.mappings import ResultSpec, RuleSet, TaskSpec
-from plugin.screening.observations import ObservationBuilder, Parts, concept
+from plugin.screening.observations import ObservationBuilder, Parts, coded, concept
 from plugin.screening.questionnaire import CompiledQuestionnaire
 from plugin.screening.scoring import Result, Scores
+from plugin.screening.timeline import on_timeline
 
 OBSERVATION_STATUS = {"completed": "final", "amended": "amended", "entered-in-error": "entered-in-error"}
 ACTIVITY = {"completed": "CREATE", "amended": "UPDATE", "entered-in-error": "NULLIFY"}
+PRELIMINARY = "preliminary"  # red flags of a response that is not completed, or was refused
 SCORED_STATUSES = frozenset(OBSERVATION_STATUS)
 NOTHING_TO_WRITE = {"resourceType": "Bundle", "type": "transaction"}  # an empty transaction (shared, read-only)
 CATEGORY = [{"coding": [{"system": systems.OBS_CATEGORY, "code": "survey", "display": "Survey"}]}]
@@ -92,9 +95,29 @@ class BundleBuilder:
         tasks = [] if status == "entered-in-error" else [
             self._task(t, scores, context, outcome_ref) for t in scores.tasks]
         written = [qr_entry, *observations, *tasks]
-        provenance = self._provenance(written, scores, context, status)
+        provenance = self._provenance(written[1:], scores, context, status)
         entries = [self.device, *written, provenance]
         return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+    def build_red_flags(self, qr: dict, scores: Scores, now: datetime) -> dict:
+        """The red-flags Observation and review Task of a response that cannot be scored as a whole.
+
+        For a response that is not completed, or refused for other errors (SCREENING.md §7): the
+        response as it came, the red-flag results (`preliminary` unless the response is completed),
+        the review Tasks they call for, and a Provenance (`without_response` if the store refuses it).
+        """
+        key = response_key(qr)
+        status = "final" if qr.get("status") == "completed" else PRELIMINARY
+        qr_entry, qr_ref = self._response_entry(qr, key)
+        context = _Context.lenient(key, qr, qr_ref, status, instant(now))
+        flags = [p for p in self.observations.parts if p.spec.kind == "flags"]
+        observations = [self._observation(p, scores.results[p.spec.code], context) for p in flags]
+        reasons = {p.spec.code: _ref(o) for p, o in zip(flags, observations)}
+        tasks = [self._task(t, scores, context, reasons[t.reason]) for t in scores.tasks if t.reason in reasons]
+        activity = status if (status := qr.get("status")) in ("amended", "entered-in-error") else "completed"
+        provenance = self._provenance([*observations, *tasks], scores, context, activity)
+        return {"resourceType": "Bundle", "type": "transaction",
+                "entry": [self.device, qr_entry, *observations, *tasks, provenance]}
 
     def task_identifiers(self, qr: dict) -> list[str]:
         """Identifier values of every Task any version of this response could have been given."""
@@ -168,6 +191,9 @@ class BundleBuilder:
         }
         if ctx.encounter:
             task["encounter"] = ctx.encounter
+        if reason.spec.kind == "flags" and met:  # what raised it: it is cancelled only when each is answered "no"
+            task["input"] = [{"type": coded(systems.RESULTS, c.code, c.text), "valueBoolean": True}
+                             for c, t in zip(reason.spec.criteria, reason.criteria) if t is True]
         task["authoredOn"] = ctx.now
         task["requester"] = self.device_ref
         task["reasonReference"] = outcome_ref
@@ -175,13 +201,13 @@ class BundleBuilder:
             narrative.paragraph(self.tasks[spec.id]["text"], narrative.escape(description))))
         return _entry(tid, task, _create("Task", systems.SID_TASK, tid))
 
-    def _provenance(self, written: list[dict], scores: Scores, ctx: _Context, status: str) -> dict:
+    def _provenance(self, results: list[dict], scores: Scores, ctx: _Context, status: str) -> dict:
         digest = hashlib.sha1(orjson.dumps(scores_facts_digest(scores))).hexdigest()
         pid = uuid5(f"{ctx.key}|provenance|{status}|{self.rule_set.tag}|{self.strategy}|{digest}")
         resource = {
             "resourceType": "Provenance",
             "meta": {"tag": [*self.tags, {"system": systems.SID_PROVENANCE, "code": pid}]},
-            "target": [ctx.qr_ref, *(_ref(e) for e in written[1:])],
+            "target": [ctx.qr_ref, *(_ref(e) for e in results)],
             "recorded": ctx.now,
             "policy": [f"{systems.RULE_SET_POLICY}/{self.rule_set.id}|{self.rule_set.version}"],
             "activity": {"coding": [{"system": systems.DATA_OPERATION, "code": ACTIVITY[status]}]},
@@ -209,6 +235,17 @@ class _Context:
         self.encounter = {"reference": encounter["reference"]} if encounter else None
         self.authored = qr.get("authored")
 
+    @classmethod
+    def lenient(cls, key: str, qr: dict, qr_ref: dict, status: str, now: str) -> _Context:
+        """For a response that was not checked whole: a malformed encounter or authored is left out."""
+        ctx = cls(key, {"subject": qr["subject"]}, qr_ref, status, now)
+        encounter, authored = qr.get("encounter"), qr.get("authored")
+        if isinstance(encounter, dict) and isinstance(encounter.get("reference"), str):
+            ctx.encounter = {"reference": encounter["reference"]}
+        if isinstance(authored, str) and DATETIME.fullmatch(authored) and on_timeline(authored):
+            ctx.authored = authored  # (a zone that takes it off the calendar would refuse the whole write)
+        return ctx
+
 
 def _link_members(observations: list[dict], specs: list[ResultSpec]) -> None:
     members = [_ref(o) for o, s in zip(observations, specs) if not s.members]
@@ -227,3 +264,27 @@ def _create(resource_type: str, system: str, value: str) -> dict:
 
 def _ref(entry: dict) -> dict:
     return {"reference": entry["fullUrl"]}
+
+
+def without_response(bundle: dict, reason: str) -> dict:
+    """The same Bundle without the response, which the store refused: it is referred to by its identifier.
+
+    SCREENING.md §7: the red flags are still written, and nothing depends on the refused resource
+    (the Task's description quotes the flags that raised it).
+    """
+    entry = next(e for e in bundle["entry"] if e["resource"]["resourceType"] == "QuestionnaireResponse")
+    qr = entry["resource"]
+    ident = given_identifier(qr) or own_identifier(qr)
+    by_identifier = {"type": "QuestionnaireResponse", "identifier": ident, "display": f"response refused: {reason}"}
+    names = {entry["fullUrl"], entry["request"]["url"]}
+
+    def repoint(node: Any) -> Any:
+        if isinstance(node, dict):
+            if node.get("reference") in names:
+                return by_identifier
+            return {key: repoint(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [repoint(value) for value in node]
+        return node
+
+    return {**bundle, "entry": [repoint(e) for e in bundle["entry"] if e is not entry]}

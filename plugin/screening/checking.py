@@ -16,7 +16,7 @@ from typing import Any
 from plugin.screening.modifiers import modifier_issues
 from plugin.screening.outcome import InvalidInput, Issue, model_issue
 from plugin.screening.questionnaire import SLOW, CompiledQuestionnaire, EnableWhen, ItemSpec
-from plugin.screening.references import ACCEPTED_FORMS, patient_id, valid_id
+from plugin.screening.references import ACCEPTED_FORMS, patient_of, valid_id
 from plugin.screening.timeline import on_timeline
 
 STATUSES = frozenset({"in-progress", "completed", "amended", "entered-in-error", "stopped"})
@@ -27,6 +27,7 @@ DATETIME = re.compile(
     r"(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)))?)?)?"
 )
 ROOT = "QuestionnaireResponse"
+Catalog = Mapping[str, Mapping[str, CompiledQuestionnaire]]  # url -> version -> Questionnaire
 # The top-level elements of an R4 QuestionnaireResponse and their JSON shape: the response
 # is written back as it came, so a wrong shape here would fail the whole transaction later.
 # (object = checked more closely on its own below).
@@ -66,7 +67,7 @@ class _Walk:
 
 
 def check_response(
-    qr: Any, questionnaires: Mapping[str, CompiledQuestionnaire], fhir_base: str | None = None
+    qr: Any, catalog: Catalog, fhir_base: str | None = None
 ) -> tuple[CompiledQuestionnaire, dict[str, Any]]:
     """Returns (the Questionnaire, the answers by linkId) or raises InvalidInput with every issue."""
     if not isinstance(qr, dict):
@@ -75,7 +76,7 @@ def check_response(
         got = qr.get("resourceType")
         raise InvalidInput([Issue("invalid", f"Expected a QuestionnaireResponse, got {_name(got)}.", "resourceType")])
     issues = _check_header(qr, fhir_base) + modifier_issues(qr, ROOT)
-    q = _find_questionnaire(qr.get("questionnaire"), questionnaires, issues)
+    q = _find_questionnaire(qr.get("questionnaire"), catalog, issues)
     if q is None:
         raise InvalidInput(issues)
     walk = _Walk(q)
@@ -123,12 +124,10 @@ def _check_header(qr: dict, fhir_base: str | None) -> list[Issue]:
     elif not isinstance(status, str) or status not in STATUSES:
         issues.append(Issue("code-invalid", f"status {_name(status)} is not a QuestionnaireResponse status "
                             f"({', '.join(sorted(STATUSES))}).", f"{ROOT}.status"))
-    subject = qr.get("subject")
-    ref = subject.get("reference") if isinstance(subject, dict) else None
-    if subject is None:
+    if qr.get("subject") is None:
         issues.append(Issue("required", "subject is missing: results need the patient they are about.",
                             f"{ROOT}.subject"))
-    elif patient_id(ref, fhir_base) is None:
+    elif patient_of(qr, fhir_base) is None:
         issues.append(Issue("invalid", f"subject.reference must reference a Patient as {ACCEPTED_FORMS}.",
                             f"{ROOT}.subject.reference"))
     encounter = qr.get("encounter")
@@ -178,7 +177,7 @@ def _get(value: Any, key: str) -> Any:
 
 
 def _find_questionnaire(
-    canonical: Any, questionnaires: Mapping[str, CompiledQuestionnaire], issues: list[Issue]
+    canonical: Any, catalog: Catalog, issues: list[Issue]
 ) -> CompiledQuestionnaire | None:
     where = f"{ROOT}.questionnaire"
     if canonical is None:
@@ -188,17 +187,36 @@ def _find_questionnaire(
         issues.append(Issue("structure", "questionnaire must be a canonical URL string.", where))
         return None
     url, _, version = canonical.partition("|")
-    q = questionnaires.get(url)
-    if q is None:
-        known = ", ".join(sorted(questionnaires))
+    versions = catalog.get(url)
+    if versions is None:
+        known = ", ".join(sorted(catalog))
         issues.append(Issue("not-supported", f"Questionnaire {_name(url)} is not one this plugin scores "
                             f"(it scores {known}).", where))
         return None
-    if version and version != q.version:
+    if version and version not in versions:
         issues.append(Issue("not-supported", f"Questionnaire version {_name(version)} is not published; "
-                            f"the current version is {q.version}.", where))
+                            f"the published versions are {', '.join(versions)}.", where))
         return None
-    return q
+    return versions[version] if version else newest(versions)
+
+
+def newest(versions: Mapping[str, CompiledQuestionnaire]) -> CompiledQuestionnaire:
+    """An unversioned canonical means the newest published version (semantic versions, compared numerically)."""
+    return versions[max(versions, key=lambda v: tuple(int(p) if p.isdigit() else 0 for p in v.split(".")))]
+
+
+def questionnaire_of(qr: dict, catalog: Catalog) -> CompiledQuestionnaire | None:
+    """The Questionnaire a response answers, leniently: an unknown version reads as the newest one.
+
+    For reading the red flags of a response refused for other reasons, where a wrong version
+    must not hide a reported red flag.
+    """
+    canonical = qr.get("questionnaire")
+    url, _, version = canonical.partition("|") if isinstance(canonical, str) else ("", "", "")
+    versions = catalog.get(url)
+    if not versions:
+        return None
+    return versions.get(version) or newest(versions)
 
 
 def _check_items(walk: _Walk, items: list, parent: str | None, path: str) -> None:

@@ -23,7 +23,7 @@ EXTRA = {
 assert set(URGENCIES) <= set(EXTRA)
 
 
-def results_codesystem(rule_sets: Iterable[RuleSet], version: str = "1.0.0") -> dict:
+def results_codesystem(rule_sets: Iterable[RuleSet], version: str = "1.1.0") -> dict:
     concepts: dict[str, dict] = {}
 
     def add(code: str, display: str, definition: str) -> None:

@@ -59,5 +59,12 @@ def _published() -> tuple[dict, ...]:
     return tuple(found)
 
 
+@cache
+def safety_netting(audience: str) -> str:
+    """What to do if new symptoms appear, for `patient` or `clinician` (mappings' `safety_netting`)."""
+    texts = [raw["safety_netting"][audience] for raw in rule_files() if audience in raw.get("safety_netting", {})]
+    return " ".join(texts[0].split()) if texts else ""
+
+
 def rule_files() -> list[dict]:
     return [yaml.safe_load(p.read_text(encoding="utf-8")) for p in sorted(mappings_dir().glob("*.yaml"))]

@@ -99,6 +99,11 @@ class RuleSet:
     per_strategy: dict[str, tuple[ResultSpec, ...]]  # strategy result code -> the results to evaluate
 
     @property
+    def flag_results(self) -> tuple[str, ...]:
+        """The codes of the red-flag results (kind `flags`)."""
+        return tuple(r.code for r in self.results if r.kind == "flags")
+
+    @property
     def tag(self) -> str:
         return f"{self.id}-{self.version}"
 
@@ -123,13 +128,18 @@ def load_rule_set(data: dict, q: CompiledQuestionnaire) -> RuleSet:
     unanswered = data.get("unanswered_means", {})
     for link_id in unanswered:
         _need(link_id in items, f"unanswered_means: no item {link_id!r}")
+    asked_in = data.get("asked_in", {})
+    for link_id, versions in asked_in.items():
+        _need(isinstance(versions, list) and all(isinstance(v, str) for v in versions),
+              f"asked_in.{link_id}: a list of Questionnaire versions")
+    unasked = {link_id for link_id, versions in asked_in.items() if q.version not in versions}
     scope = Scope(items=items, conditions={}, results={}, flags={})
     for name, cond in data.get("conditions", {}).items():
         _need(bool(cond.get("text")) and bool(cond.get("citation")), f"conditions.{name}: needs text and citation")
         scope.conditions[name] = compile_rule(cond.get("rule"), scope, f"conditions.{name}")
         scope.texts[name] = cond["text"]
     strategies = data.get("strategies", {})
-    results = tuple(_result(raw, scope, f"results[{i}]") for i, raw in enumerate(data["results"]))
+    results = tuple(_result(_asked(raw, unasked), scope, f"results[{i}]") for i, raw in enumerate(data["results"]))
     values = data.get("values", {})
     _check_values(results, values, set(strategies.get("options", {}).values()))
     codes = {r.code for r in results}
@@ -160,6 +170,27 @@ def load_rule_set(data: dict, q: CompiledQuestionnaire) -> RuleSet:
         outcome_result=data["outcome_result"],
         per_strategy=per_strategy,
     )
+
+
+def _asked(raw: dict, unasked: set[str]) -> dict:
+    """A result without the criteria about items this Questionnaire version does not ask.
+
+    An item a version never asked is neither present nor unanswered: its criterion is left out,
+    so a response to an older version is scored by that version's own item set.
+    """
+    if not unasked or "criteria" not in raw:
+        return raw
+    return {**raw, "criteria": [c for c in raw["criteria"] if not items_of(c.get("rule")) & unasked]}
+
+
+def items_of(rule: Any) -> set[str]:
+    """Every item a raw rule reads."""
+    if isinstance(rule, dict):
+        found = {rule["item"]} if isinstance(rule.get("item"), str) else set()
+        return found.union(*(items_of(v) for v in rule.values()))
+    if isinstance(rule, list):
+        return set().union(*(items_of(v) for v in rule))
+    return set()
 
 
 def _need(ok: bool, message: str) -> None:

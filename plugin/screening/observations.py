@@ -8,10 +8,10 @@ the findings of each state are made once and shared (never mutated).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from plugin.screening import narrative, systems
+from plugin.screening import data, narrative, systems
 from plugin.screening.mappings import INTERPRETATIONS, ResultSpec, RuleSet
 from plugin.screening.scoring import TRUTH_WORDS, Result
 
@@ -23,6 +23,7 @@ INTERPRETATION = {
 }
 TRUTH_INTERPRETATION = {True: INTERPRETATION["POS"], False: INTERPRETATION["NEG"], None: INTERPRETATION["IND"]}
 CACHE_LIMIT = 4096
+NA = "not-applicable"  # a component's state when its result does not apply
 
 
 def coded(system: str, code: str, display: str) -> dict:
@@ -58,6 +59,10 @@ class ObservationBuilder:
             for code, v in rule_set.values.items()
         }
         self.parts = [self._parts(spec) for spec in rule_set.emitted(strategy)]
+        advice = data.safety_netting("clinician")
+        if advice:  # the one-word summary a clinician reads first ends with what to do if symptoms change
+            self.parts = [replace(p, tail=p.tail + narrative.paragraph("Safety-netting", narrative.escape(advice)))
+                          if p.spec.code == rule_set.outcome_result else p for p in self.parts]
 
     def _parts(self, spec: ResultSpec) -> Parts:
         code = concept(systems.RESULTS, spec.code, spec.title)
@@ -86,7 +91,8 @@ class ObservationBuilder:
             return found
         found = {}
         summary = _VALUE_SETTERS[parts.spec.kind](self, found, result)
-        states = result.criteria + result.also
+        # A threshold of a result that does not apply (Berlin over 50) is not-applicable, never "false".
+        states = result.criteria + (result.also if result.applies is not False else (NA,) * len(result.also))
         components = [parts.components[i][t] for i, t in enumerate(states)] + _score_components(parts, result)
         if components:
             found["component"] = components
@@ -170,6 +176,7 @@ def _components(code: dict) -> dict[Any, dict]:
         True: {"code": code, "valueBoolean": True},
         False: {"code": code, "valueBoolean": False},
         None: {"code": code, "dataAbsentReason": UNKNOWN},
+        NA: {"code": code, "dataAbsentReason": NOT_APPLICABLE},
     }
 
 

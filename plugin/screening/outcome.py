@@ -29,6 +29,7 @@ class InvalidInput(Exception):
         super().__init__(issues[0].diagnostics if issues else "invalid input")
         self.issues = issues
         self.status = status
+        self.rescued: Any = None  # pipeline.Outcome: what the refused response's red flags call for
 
     def summary(self) -> str:
         """One plain sentence for a terminal or a log line (no answer values)."""

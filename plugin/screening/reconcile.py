@@ -69,8 +69,10 @@ def plan(bundle: dict, observations: dict[str, dict], tasks: dict[str, dict], *,
             entries += [] if retracted else _task(entry, tasks, resolved)
         else:
             entries.append(entry)
+    answered_no = _answered_no(bundle)
     entries += [_cancel(task) for key, task in tasks.items()
-                if (retracted or key not in wanted_tasks) and task.get("status") in OPEN_TASK]
+                if task.get("status") in OPEN_TASK
+                and (retracted or (key not in wanted_tasks and _raised_by(task) <= answered_no))]
     written = {entry["fullUrl"] for entry in entries}
     kept = {full_url: reference for full_url, reference in resolved.items() if full_url not in written}
     if not any(e["resource"]["resourceType"] != "Device" for e in entries):
@@ -78,6 +80,20 @@ def plan(bundle: dict, observations: dict[str, dict], tasks: dict[str, dict], *,
     if provenance:
         entries.append(provenance)
     return Plan({"resourceType": "Bundle", "type": "transaction", "entry": _repoint_entries(entries, resolved)}, kept)
+
+
+def _raised_by(task: dict) -> set[str]:
+    """The red flags that raised a review Task (its `input`); empty for any other Task."""
+    return {coding["code"] for given in task.get("input", []) if given.get("valueBoolean") is True
+            for coding in given.get("type", {}).get("coding", []) if coding.get("system") == systems.RESULTS}
+
+
+def _answered_no(bundle: dict) -> set[str]:
+    """The red flags the response answers explicitly "no" (unanswered is not "no", SCREENING.md §7)."""
+    return {coding["code"] for entry in bundle.get("entry", []) if entry["resource"]["resourceType"] == "Observation"
+            for component in entry["resource"].get("component", []) if component.get("valueBoolean") is False
+            and component.get("extension")  # flag components carry their urgency
+            for coding in component["code"]["coding"]}
 
 
 def _observation(entry: dict, observations: dict[str, dict], resolved: dict[str, str]) -> list[dict]:
@@ -90,7 +106,7 @@ def _observation(entry: dict, observations: dict[str, dict], resolved: dict[str,
     if same and _same_rules(resource, stored):
         return []
     changed = {**resource, "id": stored["id"]}
-    if changed["status"] == "final":
+    if changed["status"] == "final" and stored.get("status") != "preliminary":
         # A finding that changed after it was final is amended (a new version of the response, or a rule
         # change that altered it); one that a new rule set version merely confirms keeps its status.
         changed["status"] = stored["status"] if same and stored.get("status") in FINISHED else "amended"

@@ -39,3 +39,12 @@ def patient_reference(reference: object, fhir_base: str | None = None) -> str | 
     """The reference in its canonical relative form `Patient/{id}`, or None when it is not accepted."""
     found = patient_id(reference, fhir_base)
     return f"Patient/{found}" if found else None
+
+
+def patient_of(qr: object, fhir_base: str | None = None) -> str | None:
+    """The patient a response is about (`Patient/{id}`), or None when its subject is not an accepted form.
+
+    Every path asks this one question: checking a response, and reading the red flags of one refused.
+    """
+    subject = qr.get("subject") if isinstance(qr, dict) else None
+    return patient_reference(subject.get("reference") if isinstance(subject, dict) else None, fhir_base)

@@ -29,7 +29,9 @@ from plugin.stores.writeback import prepare, read_states, write
 
 PAGE = 200  # responses read per query; the watermark moves on after each page
 GROUP = 8  # responses read in one batch and then written concurrently: fewer round trips, a bounded load
-STATUSES = "completed,amended,entered-in-error"
+# Every status: a response still in progress, or stopped, may report a red flag (SCREENING.md §7).
+STATUSES = "completed,amended,entered-in-error,in-progress,stopped"
+RECORDED = "red flags recorded"  # a refused response whose red flags were written all the same
 
 
 class SyncBusy(Exception):
@@ -99,7 +101,9 @@ async def _sync_questionnaire(client: Store, screener: Screener, url: str, state
     Following the pages (rather than asking again from the new watermark) is
     what gets past more than a page of responses stamped with one instant.
     """
-    params = {"questionnaire": url, "status": STATUSES, "_sort": "_lastUpdated", "_count": str(PAGE)}
+    # A response names its Questionnaire with or without a version: every published form of the canonical.
+    canonicals = ",".join([url, *(f"{url}|{version}" for version in screener.catalog[url])])
+    params = {"questionnaire": canonicals, "status": STATUSES, "_sort": "_lastUpdated", "_count": str(PAGE)}
     if state["watermark"]:
         params["_lastUpdated"] = f"ge{state['watermark']}"
     seen = {tuple(x) for x in state["seen"]}
@@ -132,11 +136,16 @@ async def _group(client: Store, screener: Screener, qrs: list[dict]) -> list[str
     jobs, labels = [], []
     for qr in qrs:
         try:
-            jobs.append(prepare(screener, qr))
+            job = prepare(screener, qr)
         except InvalidInput:
             labels.append("invalid")  # a response the plugin cannot score: counted, never retried in a loop
-    jobs = [job for job in jobs if job.outcome.bundle.get("entry")]
-    labels += ["up-to-date"] * (len(qrs) - len(labels) - len(jobs))  # e.g. in-progress: nothing to write
+            continue
+        if job.refused is not None:  # refused, but it reports a red flag: that is written all the same
+            labels += ["invalid", RECORDED]
+        if job.outcome.bundle.get("entry"):
+            jobs.append(job)
+        else:
+            labels.append("up-to-date")  # e.g. in progress with no red flag: nothing to write
     states = await read_states(client, jobs, with_responses=False)
     try:
         async with asyncio.TaskGroup() as group:  # one failing cancels the others, and all are awaited
@@ -144,4 +153,5 @@ async def _group(client: Store, screener: Screener, qrs: list[dict]) -> list[str
                      for job, state in zip(jobs, states)]
     except ExceptionGroup as failed:
         raise failed.exceptions[0] from None  # the first failure is what the caller reports
-    return labels + ["written" if any(w.changed for w in task.result()) else "up-to-date" for task in tasks]
+    return labels + ["written" if any(w.changed for w in task.result()) else "up-to-date"
+                     for job, task in zip(jobs, tasks) if job.refused is None]

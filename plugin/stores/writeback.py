@@ -11,9 +11,10 @@ from urllib.parse import urlencode
 
 from plugin.fhir.client import FhirError, matches
 from plugin.screening import data, systems
+from plugin.screening.building import without_response
 from plugin.screening.identity import given_identifier, own_identifier, token
-from plugin.screening.outcome import invalid
-from plugin.screening.pipeline import Outcome, Screener
+from plugin.screening.outcome import InvalidInput, invalid
+from plugin.screening.pipeline import Outcome, Screener, recorded
 from plugin.screening.reconcile import plan, stored_key
 from plugin.stores.keyed_locks import KeyedLocks
 from plugin.stores.store import Store
@@ -66,6 +67,7 @@ class Job:
     outcome: Outcome
     observation_keys: list[str]
     task_keys: list[str]
+    refused: InvalidInput | None = None  # the response was refused; `outcome` holds only its red flags
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,25 +80,46 @@ class ServerState:
 
 
 def prepare(screener: Screener, qr: dict) -> Job:
-    """Scores a response (InvalidInput if it cannot be scored)."""
-    outcome = screener.process(qr)
+    """Scores a response (InvalidInput if it cannot be scored and reports no red flag).
+
+    A refused response that reports a red flag gives a Job all the same, with `refused` set:
+    its red flags are written, then the caller reports the refusal (`raise_refusal`).
+    """
+    try:
+        outcome, refused = screener.process(qr), None
+    except InvalidInput as error:
+        if error.rescued is None:
+            raise
+        outcome, refused = error.rescued, error
     entries = outcome.bundle.get("entry", [])
     if not entries:
         return Job(qr, outcome, [], [])
-    builder = screener.builders[qr["questionnaire"].partition("|")[0]]
     observation_keys = [stored_key(e["resource"], systems.SID_OBSERVATION) or "" for e in entries
                         if e["resource"]["resourceType"] == "Observation"]
-    return Job(qr, outcome, observation_keys, builder.task_identifiers(qr))
+    if outcome.red_flags_only:  # the rest of the response says nothing: no other Task is touched
+        task_keys = [stored_key(e["resource"], systems.SID_TASK) or "" for e in entries
+                     if e["resource"]["resourceType"] == "Task"]
+    else:
+        task_keys = screener.builders[qr["questionnaire"].partition("|")[0]].task_identifiers(qr)
+    return Job(qr, outcome, observation_keys, task_keys, refused)
+
+
+def raise_refusal(job: Job) -> None:
+    """After a refused response's red flags were written: the refusal, saying that they were."""
+    if job.refused is not None:
+        raise recorded(job.refused, written=True)
 
 
 async def submit(client: Store, screener: Screener, qr: dict) -> tuple[Outcome, list[Written]]:
     """Scores a response and writes it with what the server does not hold yet, in one transaction.
 
     What the server already holds is read first, in one round trip; the
-    patient must be among it.
+    patient must be among it. A refused response's red flags are written, then it is refused.
     """
     job = prepare(screener, qr)
-    return job.outcome, await save(client, job)
+    written = await save(client, job)
+    raise_refusal(job)
+    return job.outcome, written
 
 
 async def save(client: Store, job: Job, *, stored_response: dict | None = None) -> list[Written]:
@@ -123,13 +146,14 @@ async def write(client: Store, job: Job, state: ServerState, *, stored_response:
     response itself is not written again. A concurrent change to the same
     results (409/412) is met by reading again and planning again, never by overwriting it.
     """
+    bundle = job.outcome.bundle
     for attempt in range(CONFLICT_RETRIES + 1):
         if attempt:
             state = (await read_states(client, [job], with_responses=stored_response is None))[0]
         stored = stored_response or state.response
         _same_patient(job.qr, stored)
-        todo = plan(job.outcome.bundle, state.observations, state.tasks, stored_response=stored,
-                    include_response=stored_response is None, retracted=job.qr["status"] == "entered-in-error")
+        todo = plan(bundle, state.observations, state.tasks, stored_response=stored,
+                    include_response=stored_response is None, retracted=job.qr.get("status") == "entered-in-error")
         kept = [Written(location, "200", changed=False) for location in todo.kept.values()]
         if todo.transaction is None:
             return kept
@@ -138,9 +162,18 @@ async def write(client: Store, job: Job, state: ServerState, *, stored_response:
         except FhirError as error:
             if error.status in (409, 412) and attempt < CONFLICT_RETRIES:
                 continue  # someone changed these results since we read them: read again
+            if _response_refused(job, bundle, error, stored):  # write the red flags without it (SCREENING.md §7)
+                bundle = without_response(bundle, f"HTTP {error.status}")
+                continue
             raise
         return kept + [Written(_location(e), e["response"]["status"].split()[0]) for e in response.get("entry", [])]
     raise AssertionError("unreachable")
+
+
+def _response_refused(job: Job, bundle: dict, error: FhirError, stored: dict | None) -> bool:
+    """A store that refused a red-flags-only transaction because of the response in it (a validating server)."""
+    return (job.outcome.red_flags_only and bundle is job.outcome.bundle and stored is None
+            and error.status is not None and 400 <= error.status < 500 and error.status not in (401, 403, 429))
 
 
 def _same_patient(qr: dict, stored: dict | None) -> None:

@@ -14,8 +14,9 @@ from plugin.fhir import formats
 from plugin.fhir.capability import capability_statement
 from plugin.fhir.searchset import searchset
 from plugin.screening import data
-from plugin.screening.outcome import invalid
-from plugin.stores.writeback import Written, prepare, save, submit
+from plugin.screening.outcome import InvalidInput, invalid
+from plugin.screening.pipeline import recorded
+from plugin.stores.writeback import Written, prepare, raise_refusal, save, submit
 from plugin.web.security import require_bearer, require_notify_secret
 from plugin.web.service import service
 
@@ -86,7 +87,18 @@ def _version_headers(resource: dict) -> dict[str, str]:
 
 
 def _extracted(request: Request, qr: dict) -> Response:
-    outcome = service(request).screener.process(qr)
+    """The Bundle; a refused response that reports a red flag gives a Parameters (SDC): `return`, the
+    Bundle its red flags call for, and `issues`, why the rest is refused."""
+    try:
+        outcome = service(request).screener.process(qr)
+    except InvalidInput as error:
+        if error.rescued is None:
+            raise
+        service(request).count("invalid")
+        parameters = {"resourceType": "Parameters", "parameter": [
+            {"name": "return", "resource": error.rescued.bundle},
+            {"name": "issues", "resource": recorded(error).to_fhir()}]}
+        return formats.reply(parameters, formats.wanted(request))
     service(request).count(outcome.label)
     return formats.reply(outcome.bundle, formats.wanted(request))
 
@@ -100,7 +112,12 @@ async def ingest(request: Request) -> Response:
     svc = service(request)
     require_bearer(request, svc.settings.ingest_token)
     qr = await read_response(request)
-    outcome, written = await submit(svc.store, svc.screener, qr)
+    try:
+        outcome, written = await submit(svc.store, svc.screener, qr)
+    except InvalidInput as error:
+        if error.rescued is not None:
+            svc.count("invalid")
+        raise
     svc.count(outcome.label)
     return written_reply(request, outcome.label, written)
 
@@ -117,8 +134,10 @@ async def notified_with_payload(request: Request) -> Response:
     job = prepare(svc.screener, qr)  # checked first: only then is it known to be a response at all
     if qr.get("id") != request.path_params["id"]:
         raise invalid("invalid", "The response's id does not match the id in the URL.", "QuestionnaireResponse.id")
-    svc.count(job.outcome.label)
-    return written_reply(request, job.outcome.label, await save(svc.store, job, stored_response=qr))
+    svc.count("invalid" if job.refused else job.outcome.label)
+    written = await save(svc.store, job, stored_response=qr)
+    raise_refusal(job)
+    return written_reply(request, job.outcome.label, written)
 
 
 async def notified_without_payload(request: Request) -> Response:

@@ -65,16 +65,16 @@ PATIENT_MESSAGES: dict[str, tuple[str, str, str]] = {
         "If you feel very unwell, go to an emergency department.", "urgent"),
     "refer-rheumatology": (
         "Your care team may refer you to a specialist",
-        "Your answers fit a type of back pain caused by inflammation. Your care team will look at them "
-        "and may refer you to a rheumatologist (a joint and spine specialist).", "refer"),
+        "Some of your answers are features of inflammatory back pain or of a related condition. Your care team "
+        "will look at them and may refer you to a rheumatologist (a joint and spine specialist).", "refer"),
     "test-hla-b27": (
         "A blood test may help",
-        "Your answers fit a type of back pain caused by inflammation. Your care team may suggest a blood "
+        "Some of your answers are features of inflammatory back pain. Your care team may suggest a blood "
         "test (HLA-B27) to help decide what to do next.", "refer"),
     "no-referral-indicated": (
         "No signs of inflammatory back pain",
-        "Your answers do not suggest back pain caused by inflammation, and no warning signs. "
-        "If your pain changes or gets worse, talk to your doctor.", "calm"),
+        "Your answers do not meet the criteria for inflammatory back pain, and you reported no warning signs. "
+        "This does not rule out every cause of back pain.", "calm"),
     "not-applicable": (
         "This check does not apply to your back pain",
         "This check is for back pain that has lasted 3 months or more and started before age 45. "
@@ -211,7 +211,8 @@ async def submitted(request: Request) -> Response:
             _not_saved(svc, error)
     headline, advice, tone = PATIENT_MESSAGES.get(job.outcome.label, PATIENT_MESSAGES["indeterminate"])
     return page("patient_result.html", headline=headline, advice=advice, tone=tone, saved=saved,
-                not_sent=not_sent, again=viewer.link(), unanswered_flags=_unanswered_flags(shown, values))
+                not_sent=not_sent, again=viewer.link(), unanswered_flags=_unanswered_flags(shown, values),
+                safety_net=data.safety_netting("patient"))  # the rules' wording: one text for every result
 
 
 async def progress(request: Request) -> Response:

@@ -453,7 +453,7 @@ def test_the_capability_statement_declares_populate(client):
     questionnaire_rest = client.get("/metadata").json()["rest"][0]["resource"][0]
     assert questionnaire_rest["operation"] == [{"name": "populate", "definition": (
         "http://hl7.org/fhir/uv/sdc/OperationDefinition/Questionnaire-populate")}]
-    assert client.get("/Questionnaire/back-pain-screening").json()["version"] == "1.0.0"  # reads still work
+    assert client.get("/Questionnaire/back-pain-screening").json()["version"] == "1.1.0"  # reads still work
 
 
 # -- over HTTP, on the EHR's FHIR server -------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from tests.fhir_helpers import CLI, EXAMPLES, ROOT, free_port, total
 T = TypeVar("T")
 LIMIT = 1 << 20
 SCREENING = "back-pain-screening-rules"
-TAG_A, TAG_B = f"{SCREENING}-1.0.0", f"{SCREENING}-2.0.0"
+TAG_A, TAG_B = f"{SCREENING}-1.1.0", f"{SCREENING}-2.0.0"
 # Under rule set B the axSpA pathway applies only to pain that began before 30 (A: 45), which changes these:
 CHANGED_BY_B = {"qr-nice-test-hla-b27.json": "not-applicable", "qr-indeterminate.json": "not-applicable",
                 "qr-no-referral.json": "not-applicable"}
@@ -202,8 +202,8 @@ def rules_b(tmp_path: Path) -> Path:
     shutil.copytree(data.mappings_dir(), rules)
     screening = rules / "back-pain-screening.yaml"
     text = screening.read_text(encoding="utf-8")
-    assert "  version: 1.0.0" in text and "{item: onset-age, lt: 45}" in text
-    screening.write_text(text.replace("  version: 1.0.0", "  version: 2.0.0", 1)
+    assert "  version: 1.1.0" in text and "{item: onset-age, lt: 45}" in text
+    screening.write_text(text.replace("  version: 1.1.0", "  version: 2.0.0", 1)
                          .replace("{item: onset-age, lt: 45}", "{item: onset-age, lt: 30}", 1), encoding="utf-8")
     return rules
 
@@ -298,7 +298,7 @@ async def _check_b_is_named(store: Callable[[], Store], after: dict[str, dict], 
             provenances = [p async for p in opened.search("Provenance", {"target": target})]
             policies = [p["policy"][0] for p in provenances]
             assert len(provenances) == 2 and policies[-1] != policies[0], policies  # one per rule set
-            assert {p.rsplit("|", 1)[1] for p in policies} == {"1.0.0", "2.0.0"}
+            assert {p.rsplit("|", 1)[1] for p in policies} == {"1.1.0", "2.0.0"}
             named = next(p for p in provenances if p["policy"][0].endswith("|2.0.0"))
             assert named["agent"][0]["who"]["reference"] == f"Device/{device['id']}"
             stored_tasks = [t async for t in opened.search("Task", {"identifier": ",".join(

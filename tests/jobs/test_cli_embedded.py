@@ -65,7 +65,7 @@ def test_publish_twice_leaves_one_of_each(db: Path):
         done = cli(db, "publish")
         assert done.returncode == 0, done.stderr
     screening = "https://backpain-screen.org/fhir/Questionnaire/back-pain-screening"
-    assert len(found(db, "Questionnaire", url=screening)) == 1
+    assert len(found(db, "Questionnaire", url=screening)) == 2  # 1.0.0 and 1.1.0, each once
     assert len(found(db, "Device")) == 2  # one per rule set
 
 

@@ -307,7 +307,7 @@ def check_written(qr: dict, bundle: dict, strategy: str | None) -> None:
 
     obs = observations(bundle)
     tasks = [e["resource"] for e in resources(bundle, "Task")]
-    is_screening = qr["questionnaire"] == factory.SCREENING
+    is_screening = qr["questionnaire"].partition("|")[0] == factory.SCREENING
     if is_screening:
         assert SCREENING_RESULTS | {REFERRAL[strategy]} <= set(obs)
         assert REFERRAL[{"asas-2015": "nice-ng65", "nice-ng65": "asas-2015"}[strategy]] not in obs, \
@@ -443,6 +443,8 @@ def task_kind(task: dict) -> str:
         return "hla-b27-test"
     if c["system"] == systems.RESULTS and c["code"] == "clinical-review":
         return "review-" + task["priority"]
+    if c["system"] == systems.RESULTS and c["code"] == "ask-red-flags":
+        return "ask-" + task["priority"]
     raise AssertionError(f"unexpected Task code {c}")
 
 
@@ -475,6 +477,11 @@ def check_tasks(qr: dict, tasks: list[dict], obs: dict, device_url: str, strateg
         expected.append("referral")
     if referral == "test-hla-b27":
         expected.append("hla-b27-test")
+    flags = obs["red-flags"]["resource"]
+    if "valueBoolean" not in flags:  # none present, some unanswered: ask them, urgently if an emergency one
+        emergency_unknown = any("dataAbsentReason" in c and c["extension"][0]["valueCode"] == "emergency"
+                                for c in flags["component"])
+        expected.append("ask-urgent" if emergency_unknown else "ask-routine")
     assert kinds == sorted(expected)
 
 
@@ -553,7 +560,8 @@ def test_generated_basdai_bundles(name: str, status: str) -> None:
 @pytest.mark.parametrize("status", ["in-progress", "stopped"])
 @pytest.mark.parametrize("url", [factory.SCREENING, factory.BASDAI])
 def test_unfinished_responses_write_nothing(status: str, url: str) -> None:
-    answers = SCREENING_CASES["ibp-all-flags"] if url == factory.SCREENING else BASDAI_CASES["basdai-complete"]
+    """Without a red flag reported, an unfinished response writes nothing (SCREENING.md §4 lifecycle)."""
+    answers = SCREENING_CASES["ibp-no-flags"] if url == factory.SCREENING else BASDAI_CASES["basdai-complete"]
     qr = make_qr(answers, url=url, status=status, id="qr-unfinished")
     outcome = screener().process(qr)
     assert outcome.bundle["type"] == "transaction"
@@ -577,7 +585,7 @@ def test_tasks_for_each_kind_of_outcome() -> None:
         for strategy in STRATEGIES:
             bundle = screener(strategy).process(make_qr(answers, id="qr-kinds")).bundle
             seen |= {task_kind(e["resource"]) for e in resources(bundle, "Task")}
-    assert seen == {"review-stat", "review-urgent", "referral", "hla-b27-test"}
+    assert seen == {"review-stat", "review-urgent", "referral", "hla-b27-test", "ask-urgent"}
     # red flags do not hide the axSpA decision (SCREENING.md §4)
     bundle = screener().process(make_qr(SCREENING_CASES["ibp-all-item-flags"], id="qr-kinds")).bundle
     assert sorted(task_kind(e["resource"]) for e in resources(bundle, "Task")) == ["referral", "review-stat"]
@@ -819,3 +827,22 @@ def test_red_flag_review_names_the_flags_left_unanswered() -> None:
     assert task["resource"]["priority"] == "urgent"
     assert "Fever, chills or night sweats" in description.split("Not answered")[0]
     assert "Not answered, ask the patient: Saddle numbness or tingling." in description
+
+
+@pytest.mark.parametrize("answers", [{"pain-duration": "lt-6w", "age": 30}, {"pain-duration": "1y-5y", "age": 60}])
+def test_berlin_strong_positive_is_not_applicable_when_berlin_does_not_apply(answers: dict) -> None:
+    """Not chronic, or over 50: Berlin does not apply, and its strong-positive component says so, not "false"."""
+    full = {**SCREENING_CASES["ibp-no-flags"], **answers}
+    obs = observations(screener().process(make_qr(full)).bundle)["berlin-ibp"]["resource"]
+    (strong,) = [c for c in obs["component"] if c["code"]["coding"][0]["code"] == "berlin-ibp-strong-positive"]
+    assert "valueBoolean" not in strong
+    assert strong["dataAbsentReason"]["coding"][0]["code"] == "not-applicable"
+    assert obs["dataAbsentReason"]["coding"][0]["code"] == "not-applicable"
+
+
+def test_a_1_0_0_response_has_no_component_for_a_flag_its_version_never_asked() -> None:
+    """SCREENING.md §7: an item its version does not ask is neither present nor unanswered."""
+    old = observations(screener().process(make_qr(SCREENING_CASES["ibp-no-flags"])).bundle)["red-flags"]["resource"]
+    codes = {c["code"]["coding"][0]["code"] for c in old["component"]}
+    assert "rf-saddle-numbness" in codes and "rf-sciatica-both-legs" not in codes
+    assert old["valueBoolean"] is False

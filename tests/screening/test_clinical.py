@@ -32,7 +32,7 @@ SCREENERS = {None: Screener(Settings())} | {name: Screener(Settings(strategy=nam
 COUNT_RESULTS = ("asas-ibp", "berlin-ibp", "spa-features", "mechanical-pattern")
 COUNT_KEYS = {"count", "interpretation", "applicable", "strong"}
 EXPECT_KEYS = {*COUNT_RESULTS, "red-flags", "referral", "outcome", "tasks", "criteria", "basdai"}
-CASE_KEYS = {"name", "source", "strategy", "questionnaire", "answers", "worked", "expect", "xfail_reason"}
+CASE_KEYS = {"name", "source", "strategy", "questionnaire", "version", "answers", "worked", "expect", "xfail_reason"}
 
 TRUTH = {"POS": True, "NEG": False, "IND": None}
 LABEL = {"POS": "positive", "NEG": "negative", "IND": "indeterminate"}
@@ -52,6 +52,8 @@ TASKS = {
     "clinical-review-urgent": (systems.RESULTS, "clinical-review", "urgent"),
     "rheumatology-referral": (systems.SNOMED, "306290009", "routine"),
     "hla-b27-test": (systems.RESULTS, "hla-b27-test", "routine"),
+    "ask-red-flags-emergency": (systems.RESULTS, "ask-red-flags", "urgent"),
+    "ask-red-flags": (systems.RESULTS, "ask-red-flags", "routine"),
 }
 
 
@@ -73,7 +75,8 @@ def test_clinical_case(case: dict[str, Any]) -> None:
     _check_case_shape(case)
     strategy = case.get("strategy")
     url = BASDAI if case.get("questionnaire") == "basdai" else SCREENING
-    outcome = SCREENERS[strategy].process(response(dict(case["answers"]), url=url))
+    version = str(case["version"]) if "version" in case else None  # the screening version answered
+    outcome = SCREENERS[strategy].process(response(dict(case["answers"]), url=url, version=version))
     assert outcome.scores is not None
     check = Check(outcome, strategy or DEFAULT_STRATEGY)
     expect = case["expect"]

@@ -72,8 +72,16 @@ CONTRACT: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("red-flags", "rf-night-pain-unrelieved", "boolean", ()),
     ("red-flags", "rf-trauma", "boolean", ()),
     ("red-flags", "rf-immunosuppression", "boolean", ()),
+    # SCREENING.md §7: added in version 1.1.0
+    ("red-flags", "rf-sciatica-both-legs", "boolean", ()),
+    ("red-flags", "rf-sexual-dysfunction", "boolean", ()),
+    ("red-flags", "rf-eye-now", "boolean", ()),
+    ("red-flags", "rf-thoracic-pain", "boolean", ()),
+    ("red-flags", "rf-constant-progressive", "boolean", ()),
+    ("red-flags", "rf-fracture-risk", "boolean", ()),
+    ("red-flags", "rf-recent-infection", "boolean", ()),
 ]
-GROUPS = ("pain", "history", "clinician", "red-flags")
+GROUPS = ("red-flags", "pain", "history", "clinician")  # 1.1.0 asks the red flags first (SCREENING.md §7)
 NIGHT_PAIN_ENABLE_WHEN = [{"question": "night-pain", "operator": "=", "answerBoolean": True}]
 ENABLE_WHEN_ITEMS = {"night-pain-eases-on-rising", "night-waking-second-half"}
 # Integer items and their UCUM unit (SCREENING.md §1: years / minutes)
@@ -200,6 +208,18 @@ def test_screening_header(screening: dict) -> None:
     description = screening["description"]
     for author in SCREENING_CITATIONS:
         assert author in description, f"description does not cite {author}"
+
+
+def test_screening_1_0_0_stays_published_as_it_was(screening: dict) -> None:
+    """1.0.0 keeps its items, order and codes; 1.1.0 keeps every one of them (SCREENING.md §7)."""
+    old = load(QUESTIONNAIRES / "back-pain-screening-1.0.0.json")
+    assert (old["url"], old["version"], screening["version"]) == (SCREENING_URL, "1.0.0", "1.1.0")
+    assert [i["linkId"] for i in old["item"]] == ["pain", "history", "clinician", "red-flags"]
+    new_items = {item["linkId"]: item for _, item in walk_items(screening["item"])}
+    for _, item in walk_items(old["item"]):
+        if item["type"] != "group":
+            assert new_items[item["linkId"]]["code"] == item["code"], item["linkId"]
+    assert len(new_items) - len(list(walk_items(old["item"]))) == 7
 
 
 def test_screening_groups(screening: dict) -> None:
@@ -481,5 +501,5 @@ def test_wheel_carries_questionnaires_and_mappings(tmp_path: Path) -> None:
     assert Path(found["package"]).resolve().is_relative_to(site.resolve())
     assert Path(found["questionnaires"]).resolve() == bundled / "questionnaires"
     assert Path(found["mappings"]).resolve() == bundled / "mappings"
-    assert found["n_questionnaires"] == 2
+    assert found["n_questionnaires"] == 3  # screening 1.0.0 and 1.1.0, BASDAI
     assert found["n_rules"] == 2

@@ -121,7 +121,8 @@ def test_thresholds_are_sampled(rules: dict) -> None:
 
 def test_every_criterion_is_translated(rules: dict, screener: Screener) -> None:
     translator = RuleTranslator(rules)
-    codes = {c.code for spec in screener.rule_sets[factory.SCREENING].results for c in spec.criteria}
+    rule_set = screener.versions[factory.SCREENING, factory.DEFAULT_VERSION].rules  # the version translated
+    codes = {c.code for spec in rule_set.results for c in spec.criteria}
     assert codes == set(translator.criteria)
 
 

@@ -53,9 +53,13 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
 def test_authored_at_the_edges(client, path, authored):
     qr = response({"rf-saddle-numbness": True}) | {"authored": authored}
     answer = client.post(path, content=orjson.dumps(qr), headers=JSON)
-    if authored in OFF_TIMELINE:
-        assert answer.status_code == 400, answer.text
-        assert [e for i in answer.json()["issue"] for e in i["expression"]] == ["QuestionnaireResponse.authored"]
+    if authored in OFF_TIMELINE:  # refused; the red flag it reports is still recorded (SCREENING.md §7)
+        issues = _issues(answer)
+        errors = [e for i in issues if i["severity"] == "error" for e in i["expression"]]
+        assert errors == ["QuestionnaireResponse.authored"], answer.text
+        rescued = _rescued(client, answer)
+        observations = [r for r in rescued if r["resourceType"] == "Observation"]
+        assert observations and all("effectiveDateTime" not in o for o in observations), "no date off the calendar"
     else:
         assert answer.status_code in (200, 201), answer.text
 
@@ -81,3 +85,25 @@ def test_prefetched_outcomes_dated_at_the_edges_are_ordered_without_error():
 def test_populate_with_lab_results_and_birth_dates_at_the_edges(when):
     answers, issues = run_populate([lab(HLA_B27, when, flag="POS")], birth=when[:10])
     assert isinstance(answers, dict) and isinstance(issues, list)
+
+
+def _issues(answer) -> list[dict]:
+    """The issues of a refusal: a 400 OperationOutcome, or `$extract`'s Parameters `issues`."""
+    body = answer.json()
+    if body["resourceType"] == "Parameters":
+        assert answer.status_code == 200
+        return next(p["resource"] for p in body["parameter"] if p["name"] == "issues")["issue"]
+    assert answer.status_code == 400, answer.text
+    return body["issue"]
+
+
+def _rescued(client, answer) -> list[dict]:
+    """What the reported red flag gave: `$extract`'s `return` Bundle, or what the service wrote to its store."""
+    body = answer.json()
+    if body["resourceType"] == "Parameters":
+        bundle = next(p["resource"] for p in body["parameter"] if p["name"] == "return")
+        return [e["resource"] for e in bundle["entry"]]
+    assert any(i["severity"] == "information" and "recorded" in i["diagnostics"] for i in body["issue"])
+    store = client.app.state.service.store
+    found = client.portal.call(store.search_page, "Observation", {})
+    return [e["resource"] for e in found.get("entry", [])]

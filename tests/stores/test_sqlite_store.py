@@ -668,7 +668,7 @@ def test_publish_twice_leaves_one_of_each(db: Path):
     async def scenario(store: SqliteStore) -> None:
         first = await publish(store, SCREENER)
         assert await publish(store, SCREENER) == first
-        assert await total(store, "Questionnaire", url=f"{systems.BASE}/Questionnaire/back-pain-screening") == 1
+        assert await total(store, "Questionnaire", url=f"{systems.BASE}/Questionnaire/back-pain-screening") == 2
         assert await total(store, "Device") == len(SCREENER.builders)
 
     run(db, scenario)
@@ -746,12 +746,12 @@ def test_sync_scores_responses_written_straight_to_the_store(db: Path, tmp_path:
         unfinished = example("qr-emergency.json", who) | {"status": "in-progress"}
         await store.transaction(bundle(*put_by_portal, put(f"QuestionnaireResponse/{unfinished['id']}", unfinished)))
         first = await sync(store, SCREENER, state)
-        assert first["written"] == 3
-        assert await total(store, "Observation", subject=who) == 3 * 7 and len(await tasks(store, who)) == 2
+        assert first["written"] == 4  # the unfinished one reports saddle numbness: its red flags are written
+        assert await total(store, "Observation", subject=who) == 3 * 7 + 1 and len(await tasks(store, who)) == 3
         assert "written" not in await sync(store, SCREENER, state)  # from the watermark: nothing new
         everything = await sync(store, SCREENER, state, since="2000-01-01T00:00:00Z")
         assert "written" not in everything and everything["up-to-date"] >= 3
-        assert await total(store, "Observation", subject=who) == 3 * 7
+        assert await total(store, "Observation", subject=who) == 3 * 7 + 1
         saved = orjson.loads(state.read_bytes())
         assert list(saved) == [store.base_url] and INSTANT.fullmatch(saved[store.base_url]["watermark"])
 

@@ -67,9 +67,12 @@ def test_two_syncs_at_once_write_each_result_once(fhir: httpx.Client, fhir_base_
 
 
 @pytest.mark.parametrize("status", ["in-progress", "stopped"])
-def test_unfinished_responses_are_not_scored(fhir: httpx.Client, fhir_base_url: str, patient: str,
-                                             tmp_path: Path, status: str):
+def test_unfinished_responses_get_only_their_red_flags_recorded(fhir: httpx.Client, fhir_base_url: str,
+                                                                patient: str, tmp_path: Path, status: str):
+    """Not scored as a whole, but the saddle numbness it reports reaches a clinician (SCREENING.md §7)."""
     qr = orjson.loads(for_patient("qr-emergency.json", patient)) | {"status": status, "id": f"s-{uuid.uuid4()}"}
     assert fhir.put(f"/QuestionnaireResponse/{qr['id']}", content=orjson.dumps(qr)).status_code in (200, 201)
     assert run_sync(fhir_base_url, tmp_path / "state.json").returncode == 0
-    assert results(fhir, patient) == {}
+    found = results(fhir, patient)
+    assert list(found) == ["red-flags"] and found["red-flags"]["status"] == "preliminary"
+    assert [t["priority"] for t in tasks(fhir, patient)] == ["stat"]

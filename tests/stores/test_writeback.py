@@ -34,12 +34,12 @@ def test_publish_twice_leaves_one_of_each(fhir: httpx.Client, fhir_base_url: str
     for _ in range(2):
         done = cli("publish", base_url=fhir_base_url)
         assert done.returncode == 0, done.stderr
-    for url in ("https://backpain-screen.org/fhir/Questionnaire/back-pain-screening",
-                "https://backpain-screen.org/fhir/Questionnaire/basdai"):
-        assert total(fhir, "Questionnaire", url=url) == 1
+    for url, versions in (("https://backpain-screen.org/fhir/Questionnaire/back-pain-screening", 2),  # 1.0.0, 1.1.0
+                          ("https://backpain-screen.org/fhir/Questionnaire/basdai", 1)):
+        assert total(fhir, "Questionnaire", url=url) == versions
     assert total(fhir, "CodeSystem", url="https://backpain-screen.org/fhir/CodeSystem/screening-results") == 1
     assert total(fhir, "Device", identifier="https://backpain-screen.org/fhir/sid/device|"
-                 "backpain-screen-0.1.0-back-pain-screening-rules-1.0.0") == 1
+                 "backpain-screen-0.1.0-back-pain-screening-rules-1.1.0") == 1
 
 
 def test_submit_every_outcome_then_replay_changes_nothing(fhir: httpx.Client, fhir_base_url: str, patient: str):
