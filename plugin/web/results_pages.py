@@ -80,8 +80,10 @@ async def index(request: Request) -> Response:
     found = await svc.store.search_page("Observation", params)
     outcomes = [e["resource"] for e in found.get("entry", []) if e.get("resource", {}).get("resourceType")
                 == "Observation"]
-    tasks = await _open_tasks(svc.store, [_response_of(o) for o in outcomes])
-    rows = sorted((_row(o, tasks) for o in outcomes), key=lambda r: r["date"], reverse=True)
+    responses = [_response_of(o) for o in outcomes]
+    tasks = await _open_tasks(svc.store, responses)
+    statuses = await _statuses(svc.store, responses)
+    rows = sorted((_row(o, tasks, statuses) for o in outcomes), key=lambda r: r["date"], reverse=True)
     rows.sort(key=lambda r: r["rank"])  # stable: the newest first within each urgency
     next_link = None
     if outcomes and len(outcomes) == count:  # a full page: there may be older ones
@@ -125,13 +127,20 @@ async def _open_tasks(store: Store, responses: list[str]) -> dict[str, list[dict
     return by_response
 
 
-def _row(outcome: dict, tasks: dict[str, list[dict]]) -> dict:
+async def _statuses(store: Store, responses: list[str]) -> dict[str, str]:
+    """Each response's status (amended, entered-in-error), read in one round trip."""
+    wanted = [r for r in responses if r]
+    found = await store.read_many(wanted) if wanted else []
+    return {ref: qr.get("status", "") for ref, qr in zip(wanted, found) if qr}
+
+
+def _row(outcome: dict, tasks: dict[str, list[dict]], statuses: dict[str, str]) -> dict:
     code = results_view.outcome_code(outcome)
     response = _response_of(outcome)
     open_tasks = sorted(tasks.get(response, []), key=results_view.task_rank)
     tone, headline, _ = results_view.OUTCOMES.get(code, results_view.NOT_SCORED)
     return {"rank": URGENCY_RANK.get(code, 5), "tone": tone, "icon": results_view.ICONS[tone], "headline": headline,
-            "code": code, "date": outcome.get("effectiveDateTime", ""), "status": outcome.get("status", ""),
+            "code": code, "date": outcome.get("effectiveDateTime", ""), "status": statuses.get(response, ""),
             "patient": (outcome.get("subject") or {}).get("reference", ""), "tasks": open_tasks,
             "link": f"/results/{response.removeprefix('QuestionnaireResponse/')}" if response else None}
 
