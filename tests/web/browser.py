@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +47,13 @@ class Service:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """The real service on a free port with its own embedded store; always stopped."""
-    where = tmp_path_factory.mktemp("form-browser")
+    with running_service(tmp_path_factory.mktemp("form-browser")) as running:
+        yield running
+
+
+@contextmanager
+def running_service(where: Path) -> Iterator[Service]:
+    """The real service on a free port with its own embedded store in `where`; always stopped."""
     port = free_port()
     # The embedded store, whatever the environment says (FHIR_BASE_URL may point the other tests at a server).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKPAIN_", "FHIR_"))}

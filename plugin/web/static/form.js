@@ -105,6 +105,9 @@
     var question = event.target.closest && event.target.closest('[data-urgency]');
     if (!question) return;
     var urgency = flagged();
+    var box = document.getElementById('flag-advice');
+    // Right under the Yes just given, where the patient is looking; it stays before the rest of the form.
+    if (box && event.target.value === 'true') question.insertAdjacentElement('afterend', box);
     var section = showAdvice(urgency);
     if (urgency !== null) saveProgress(section);
   }
