@@ -339,3 +339,21 @@ def test_h_a_result_never_reassures_about_unanswered_red_flags(visit: Visit):
     expect(unanswered).not_to_contain_text(text("rf-saddle-numbness"))
     expect(page.get_by_text("No signs of inflammatory back pain")).to_have_count(0)
     expect(page.get_by_role("heading", name="When to get help straight away")).to_be_visible()
+
+
+def test_i_keyboard_only_reaches_a_red_flag_and_gets_the_advice(visit: Visit):
+    """No mouse: Tab to the first question, arrow keys and Space to answer Yes; the advice appears, and the
+    focus is where the patient left it (on the answer), not thrown elsewhere."""
+    page = open_form(visit)
+    first = question(page, RED_FLAGS[0]).get_by_role("radio", name="Yes", exact=True)
+    for _ in range(10):
+        page.keyboard.press("Tab")
+        if first.evaluate("e => e === document.activeElement"):
+            break
+    else:
+        pytest.fail("Tab never reached the first red-flag question")
+    page.keyboard.press("Space")
+    expect(first).to_be_checked()
+    expect(page.get_by_role("alert")).to_contain_text("Seek urgent care now")
+    expect(first).to_be_focused()
+    shot(page, "keyboard-red-flag")

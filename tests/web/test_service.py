@@ -1185,6 +1185,17 @@ def test_results_pages_for_wrong_patient_or_a_bad_link(client):
     assert "Please check your answers" not in other.text + forged.text  # not the patient form's error page
 
 
+def test_an_entered_in_error_result_says_so_and_why_its_task_was_cancelled(client):
+    qr = ingest(client, "qr-refer-asas.json")
+    withdrawn = post_json(client, "/QuestionnaireResponse", {**qr, "status": "entered-in-error"})
+    assert withdrawn.status_code in (200, 201), withdrawn.text
+    html = client.get(f"/results/{qr['id']}", headers=HTML).text
+    (task,) = stored(client, "Task")
+    assert task["status"] == "cancelled" and task["statusReason"]["text"]
+    assert html.index("Entered in error: this response was withdrawn") < html.index("What to do")
+    assert f"Cancelled: {task['statusReason']['text']}" in html
+
+
 # -- settings --------------------------------------------------------------------------------------------------
 
 
