@@ -159,8 +159,10 @@ def response(questionnaire: dict, compiled: CompiledQuestionnaire, shown: tuple[
         "questionnaire": f"{questionnaire['url']}|{questionnaire['version']}",
         "status": status,
         "authored": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "item": _items(questionnaire.get("item", []), compiled, facts),
     }
+    items = _items(questionnaire.get("item", []), compiled, facts)
+    if items:  # FHIR has no empty arrays
+        qr["item"] = items
     if form_id:
         qr["identifier"] = {"system": FORM_SYSTEM, "value": form_id}
     if subject:

@@ -287,6 +287,13 @@ def test_f_a_patient_who_stops_after_the_red_flags_is_still_heard(visit: Visit):
     expect(alert).not_to_contain_text("Seek urgent care now")
     expect(alert).to_contain_text("Your answers so far have been sent to your care team.")
     shot(page, "stopped-after-red-flags")
+    with page.expect_response(f"{visit.service.url}/form/progress"):  # a change of mind is sent as well
+        yes_no(page, "rf-fever", False)
+    mine = [r for r in stored_responses(visit.service) if r["subject"]["reference"] == patient]
+    assert answers_of(mine[0])["rf-fever"] is False
+    expect(page.locator("#flag-advice")).to_be_hidden()
+    with page.expect_response(f"{visit.service.url}/form/progress"):
+        yes_no(page, "rf-fever", True)
     page.close()
     mine = [r for r in stored_responses(visit.service) if r["subject"]["reference"] == patient]
     assert len(mine) == 1 and mine[0]["status"] == "in-progress"
