@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -26,7 +27,7 @@ from plugin.settings import ServiceSettings, service_settings
 from plugin.stores.store import Store
 from plugin.web import api, pages, results_pages
 from plugin.web.openapi import openapi
-from plugin.web.security import PageHeaders
+from plugin.web.security import PageHeaders, checked_id
 from plugin.web.service import Service
 from plugin.web.service import service as service_of
 
@@ -63,27 +64,50 @@ def from_environment() -> Starlette:
     return create_app(settings)
 
 
+class FhirId(Convertor[str]):
+    """A path segment that is a FHIR id, so `/QuestionnaireResponse/$extract` is never read as one."""
+
+    regex = r"[A-Za-z0-9\-.]{1,64}"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("fhir_id", FhirId())
+
+
 def routes() -> list:
     return [
         Route("/", pages.form_page, methods=["GET"]),
         Route("/form", pages.submitted, methods=["POST"]),
         Route("/form/progress", pages.progress, methods=["POST"]),
         Route("/results", results_pages.index, methods=["GET"]),
-        Route("/results/{id}", results_pages.results, methods=["GET"]),
+        Route("/results/{id}", checked_id(results_pages.results), methods=["GET"]),
         Route("/launch", smart_launch.launch, methods=["GET"]),
         Route("/launch/callback", smart_launch.callback, methods=["GET"]),
         Route("/metadata", api.metadata, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/Questionnaire", api.search_definitions, methods=["GET"]),
         Route("/Questionnaire/$populate", populate_api.populate_type, methods=["POST"]),  # before {id}
-        Route("/Questionnaire/{id}/$populate", populate_api.populate_instance, methods=["POST"]),
-        Route("/Questionnaire/{id}", api.read_definition, methods=["GET"]),
+        Route("/Questionnaire/{id}/$populate", checked_id(populate_api.populate_instance), methods=["POST"]),
+        Route("/Questionnaire/{id}", checked_id(api.read_definition), methods=["GET"]),
         Route("/CodeSystem", api.search_definitions, methods=["GET"]),
-        Route("/CodeSystem/{id}", api.read_definition, methods=["GET"]),
+        Route("/CodeSystem/{id}", checked_id(api.read_definition), methods=["GET"]),
+        Route("/StructureDefinition", api.search_definitions, methods=["GET"]),
+        Route("/StructureDefinition/{id}", checked_id(api.read_definition), methods=["GET"]),
+        Route("/OperationDefinition", api.search_definitions, methods=["GET"]),
+        Route("/OperationDefinition/{id}", checked_id(api.read_definition), methods=["GET"]),
         Route("/QuestionnaireResponse/$extract", api.extract, methods=["POST"]),
+        Route("/QuestionnaireResponse/{id:fhir_id}/$extract", checked_id(api.extract_stored), methods=["POST"]),
         Route("/QuestionnaireResponse", api.ingest, methods=["POST"]),
-        Route("/QuestionnaireResponse/{id}", api.notified_with_payload, methods=["PUT"]),
-        Route("/notify/QuestionnaireResponse/{id}", api.notified_with_payload, methods=["PUT"]),
+        Route("/QuestionnaireResponse/{id}", checked_id(api.notified_with_payload), methods=["PUT"]),
+        Route("/QuestionnaireResponse/{id:fhir_id}", checked_id(api.read_stored), methods=["GET"]),
+        Route("/QuestionnaireResponse/{id:fhir_id}/_history/{vid:fhir_id}", checked_id(api.read_stored),
+              methods=["GET"]),
+        Route("/notify/QuestionnaireResponse/{id}", checked_id(api.notified_with_payload), methods=["PUT"]),
         Route("/notify", api.notified_without_payload, methods=["POST"]),
         Route("/cds-services", cds_hooks.discovery, methods=["GET"]),
         Route(f"/cds-services/{cds_hooks.SERVICE_ID}", cds_hooks.call, methods=["POST"]),

@@ -53,7 +53,7 @@ class ServiceSettings:
     log_level: str = "info"
 
     def scoring(self) -> Settings:
-        return Settings(strategy=self.strategy, max_body_bytes=self.max_body_bytes)
+        return Settings(strategy=self.strategy, max_body_bytes=self.max_body_bytes, fhir_base=self.fhir_base_url)
 
 
 # field -> (environment variable, what it is); the README's settings table lists exactly these.

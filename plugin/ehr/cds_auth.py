@@ -47,6 +47,7 @@ FETCH_TIMEOUT = 5.0
 MAX_JWKS_BYTES = 64 * 1024
 LEEWAY = 30  # seconds of clock skew allowed on exp and iat
 MAX_LIFETIME = 3600  # a token valid for longer than this from now is refused (the replay cache holds each jti)
+MAX_TIMESTAMP = 253402300800  # 10000-01-01T00:00:00Z: a time past the calendar is no time
 MAX_REPLAY_ENTRIES = 100_000
 
 
@@ -204,7 +205,22 @@ def _unverified(token: str) -> tuple[dict, dict]:
         raise Refused("malformed") from None
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise Refused("malformed")
+    _claim_types(claims)
     return header, claims
+
+
+def _claim_types(claims: dict) -> None:
+    """Claims of the wrong JSON type (a text `exp`, a numeric `iss`) are a refusal, not a crash further on."""
+    for name in ("exp", "iat", "nbf"):
+        value = claims.get(name)
+        if name in claims and not (isinstance(value, int | float) and not isinstance(value, bool)
+                                   and 0 <= value < MAX_TIMESTAMP):
+            raise Refused("claims")
+    if not all(isinstance(claims.get(name, ""), str) for name in ("iss", "jti", "sub")):
+        raise Refused("claims")
+    aud = claims.get("aud", "")
+    if not (isinstance(aud, str) or (isinstance(aud, list) and all(isinstance(a, str) for a in aud))):
+        raise Refused("claims")
 
 
 def _public_key(jwk: dict, alg: str) -> object:
@@ -231,7 +247,7 @@ def _decode(token: str, key: object, alg: str, audience: str, issuer: str) -> di
         raise Refused("signature") from None
     except jwt.MissingRequiredClaimError:
         raise Refused("claims") from None
-    except PyJWTError:
+    except (PyJWTError, TypeError, ValueError, OverflowError):  # whatever else a claim's content trips
         raise Refused("invalid") from None
 
 

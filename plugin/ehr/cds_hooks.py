@@ -31,12 +31,13 @@ from plugin.ehr.cds_cards import SERVICE_ID
 from plugin.fhir import formats
 from plugin.fhir.client import FhirClient, FhirError, RetryPolicy, bearer, matches
 from plugin.observability import LOG, event
-from plugin.screening import systems
+from plugin.screening import references, systems
 from plugin.screening.building import instant
 from plugin.screening.outcome import InvalidInput, Issue, invalid
 from plugin.screening.parsing import parse_json
+from plugin.screening.references import valid_id
+from plugin.screening.timeline import date_range
 from plugin.settings import ServiceSettings
-from plugin.stores.sqlite_search import date_range
 from plugin.stores.store import Store
 from plugin.web import access
 from plugin.web.api import base_url
@@ -57,8 +58,7 @@ QUERIES: dict[str, tuple[str, dict[str, str]]] = {
 }
 FHIR_TIMEOUT = 10.0  # a hook call should answer in about half a second; a stuck FHIR server must not hold it
 FHIR_RETRY = RetryPolicy(attempts=2, base_delay=0.1, max_delay=1.0)
-ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-USER = re.compile(r"(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-.]{1,64}")
+USER_TYPES = ("Practitioner", "PractitionerRole", "Patient", "RelatedPerson")
 UUID = re.compile(r"(?:urn:uuid:)?([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})")
 ZONED = re.compile(r"T\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d:\d\d)$")  # a time with its zone, as Task.note.time needs
 WRITE_RETRIES = 3
@@ -119,7 +119,18 @@ def _link_access(settings: ServiceSettings) -> Callable[[str], str] | None:
 
 
 async def authenticate(request: Request, path: str) -> dict:
-    return await cds_auth.check(verifier(request), request.headers.get("authorization"), base_url(request) + path)
+    """The JWT's claims; its `aud` must be this endpoint's URL as configured, never as the request's Host
+    header says (anyone can send any Host, so a token minted for another service would pass)."""
+    audience = audience_base(service(request).settings) + path
+    return await cds_auth.check(verifier(request), request.headers.get("authorization"), audience)
+
+
+def audience_base(settings: ServiceSettings) -> str:
+    """`BACKPAIN_PUBLIC_URL`, else the URL the service listens on (`http://{host}:{port}`)."""
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return f"http://{host}:{settings.port}"
 
 
 def verifier(request: Request) -> cds_auth.Verifier:
@@ -157,12 +168,11 @@ def _hook_request(body: Any) -> dict:
     if not isinstance(context, dict):
         issues.append(Issue("required", "context is required.", "context"))
         context = {}
-    if not isinstance(context.get("patientId"), str) or not ID.fullmatch(context["patientId"]):
+    if not valid_id(context.get("patientId")):
         issues.append(Issue("value", "context.patientId must be a FHIR id.", "context.patientId"))
-    if "userId" in context and not (isinstance(context["userId"], str) and USER.fullmatch(context["userId"])):
+    if "userId" in context and not _user_reference(context["userId"]):
         issues.append(Issue("value", "context.userId must be a reference such as Practitioner/id.", "context.userId"))
-    if "encounterId" in context and not (isinstance(context["encounterId"], str)
-                                         and ID.fullmatch(context["encounterId"])):
+    if "encounterId" in context and not valid_id(context["encounterId"]):
         issues.append(Issue("value", "context.encounterId must be a FHIR id.", "context.encounterId"))
     issues += _server_issues(body)
     prefetch = body.get("prefetch", {})
@@ -174,6 +184,11 @@ def _hook_request(body: Any) -> dict:
     if issues:
         raise InvalidInput(issues)
     return body
+
+
+def _user_reference(value: Any) -> bool:
+    kind, _, user_id = value.partition("/") if isinstance(value, str) else ("", "", "")
+    return kind in USER_TYPES and valid_id(user_id)
 
 
 def _server_issues(body: dict) -> list[Issue]:
@@ -239,7 +254,8 @@ async def _read(source: Store | FhirClient | None, patient_id: str,
         assert source is not None
         pages = await asyncio.gather(*(_search(source, key, patient_id) for key in missing))
         prefetched = {**prefetched, **dict(zip(missing, pages))}
-    patient = f"Patient/{patient_id}"
+    base = getattr(source, "base_url", None)  # prefetch may name the patient by absolute URL on its server
+    patient = (patient_id, base)
     outcome = latest([o for o in matches(prefetched["outcome"]) if _about(o, "subject", patient, "Observation")])
     findings = {f"Observation/{o['id']}": o for o in matches(prefetched["findings"])
                 if _about(o, "subject", patient, "Observation") and o.get("id")}
@@ -265,10 +281,15 @@ async def _search(source: Store | FhirClient, key: str, patient_id: str) -> dict
     return await source.search_page(resource_type, {k: v.replace(PATIENT, patient_id) for k, v in params.items()})
 
 
-def _about(resource: Any, field: str, patient: str, resource_type: str) -> bool:
-    """A resource of the expected type about the patient in context (a prefetch is checked, not trusted)."""
+def _about(resource: Any, field: str, patient: tuple[str, str | None], resource_type: str) -> bool:
+    """A resource of the expected type about the patient in context (a prefetch is checked, not trusted).
+
+    `patient` is (its id, the FHIR base the resource came from); the reference must be in an accepted form.
+    """
+    patient_id, base = patient
     return (isinstance(resource, dict) and resource.get("resourceType") == resource_type
-            and isinstance(resource.get(field), dict) and resource[field].get("reference") == patient)
+            and isinstance(resource.get(field), dict)
+            and references.patient_id(resource[field].get("reference"), base) == patient_id)
 
 
 def latest(outcomes: list[dict]) -> dict | None:

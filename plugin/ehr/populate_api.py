@@ -27,14 +27,12 @@ from starlette.responses import Response
 from plugin.ehr.populate import LAB_CODES, LOINC, Known, populate
 from plugin.fhir import formats
 from plugin.fhir.client import matches
-from plugin.screening import data
+from plugin.screening import data, references
 from plugin.screening.outcome import InvalidInput, Issue, invalid, model_issue
-from plugin.screening.parsing import parse_body
 from plugin.stores.store import Store
 from plugin.web.security import require_bearer
 from plugin.web.service import service
 
-PATIENT = re.compile(r"(?:.*/)?Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?")
 QUESTIONNAIRE_REF = re.compile(r"(?:.*/)?Questionnaire/([A-Za-z0-9\-.]{1,64})")
 CHOOSERS = ("identifier", "canonical", "questionnaire", "questionnaireRef")
 KNOWN = frozenset({*CHOOSERS, "subject", "context", "local", "launchContext"})
@@ -59,8 +57,8 @@ async def populate_instance(request: Request) -> Response:
 
 async def _populate(request: Request, params: list[dict], questionnaire: dict) -> Response:
     svc = service(request)
-    subject, patient_id = _subject(params)
-    context_patient = _context_patient(params, patient_id)
+    subject, patient_id = _subject(params, svc.settings.fhir_base_url)
+    context_patient = _context_patient(params, patient_id, svc.settings.fhir_base_url)
     local = _local(params)
     known = await _known(svc.store, patient_id, context_patient, local)
     now = svc.screener.clock().astimezone()  # the server's own zone: an age changes at local midnight
@@ -75,7 +73,7 @@ async def _parameters(request: Request) -> list[dict]:
     svc = service(request)
     require_bearer(request, svc.settings.ingest_token)  # the answer carries the patient's record
     limit = svc.settings.max_body_bytes
-    body = parse_body(await formats.read_body(request, limit), formats.sent(request), limit)
+    body = await formats.read_resource(request, limit)
     if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
         raise invalid("invalid", "$populate takes a Parameters resource.", "resourceType")
     params = body.get("parameter", [])
@@ -153,7 +151,7 @@ def _inline(resource: Any, published: list[dict]) -> dict | None:
     return _by_canonical(canonical, published) if isinstance(canonical, str) else None
 
 
-def _subject(params: list[dict]) -> tuple[dict, str | None]:
+def _subject(params: list[dict], fhir_base: str | None) -> tuple[dict, str | None]:
     """The subject Reference as given, and the Patient id it names (None for a logical reference)."""
     param = _one(params, "subject")
     where = "Parameters.parameter.where(name='subject')"
@@ -165,14 +163,14 @@ def _subject(params: list[dict]) -> tuple[dict, str | None]:
     text = reference.get("reference")
     if text is None:
         return reference, None
-    match = PATIENT.fullmatch(text) if isinstance(text, str) else None
-    if match is None:
-        raise invalid("invalid", "The subject must be a Patient (e.g. Patient/123): the Questionnaire is about "
-                      "patients.", where)
-    return reference, match[1]
+    found = references.patient_id(text, fhir_base)
+    if found is None:
+        raise invalid("invalid", f"The subject must reference a Patient as {references.ACCEPTED_FORMS}: "
+                      "the Questionnaire is about patients.", where)
+    return {**reference, "reference": f"Patient/{found}"}, found
 
 
-def _context_patient(params: list[dict], patient_id: str | None) -> dict | None:
+def _context_patient(params: list[dict], subject_id: str | None, fhir_base: str | None) -> dict | None:
     """The Patient passed as context `patient` (SDC launch context), checked as FHIR R4."""
     patients = []
     for i, param in enumerate(_named(params, "context")):
@@ -185,8 +183,8 @@ def _context_patient(params: list[dict], patient_id: str | None) -> dict | None:
         content = parts.get("content") or {}
         if isinstance(content.get("valueReference"), dict):  # a reference: the store is asked as without one
             reference = content["valueReference"].get("reference")
-            match = PATIENT.fullmatch(reference) if isinstance(reference, str) else None
-            if match is None or match[1] != patient_id:
+            named = references.patient_id(reference, fhir_base)
+            if named is None or named != subject_id:
                 raise invalid("invalid", "A 'patient' context given by reference must name the subject.",
                               f"Parameters.parameter[{i}]", status=422)
             continue
@@ -200,7 +198,7 @@ def _context_patient(params: list[dict], patient_id: str | None) -> dict | None:
         raise invalid("invalid", "The 'patient' context must hold a Patient resource in its content part.",
                       "Parameters.parameter.where(name='context')")
     _check_patient(patient)
-    if patient_id and patient.get("id") not in (None, patient_id):
+    if subject_id and patient.get("id") not in (None, subject_id):
         raise invalid("invalid", "The 'patient' context is a different Patient from the subject.",
                       "Parameters.parameter.where(name='context')", status=422)
     return patient

@@ -33,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from plugin.fhir.client import FhirError
+from plugin.screening import references
 from plugin.screening.outcome import invalid
 from plugin.settings import ServiceSettings
 from plugin.web.access import SESSION_COOKIE, read_signed, sign
@@ -145,7 +146,10 @@ def _client_assertion(settings: ServiceSettings, token_endpoint: str) -> dict[st
 
 async def _response_id(svc: Any, patient: str, app_context: object) -> str:
     """The response the launch is about (appContext), checked to be this patient's; else their latest."""
-    subject = patient if patient.startswith("Patient/") else f"Patient/{patient}"
+    base = svc.settings.fhir_base_url
+    subject = references.patient_reference(patient if "/" in patient else f"Patient/{patient}", base)
+    if subject is None:
+        raise invalid("forbidden", "The EHR's launch names no patient in a form this service accepts.", status=403)
     wanted = None
     if isinstance(app_context, str):
         try:
@@ -154,7 +158,9 @@ async def _response_id(svc: Any, patient: str, app_context: object) -> str:
             app_context = None
     if isinstance(app_context, dict) and isinstance(app_context.get("questionnaireResponse"), str):
         wanted = app_context["questionnaireResponse"].removeprefix("QuestionnaireResponse/")
-    if wanted:
+    if wanted is not None:
+        if not references.valid_id(wanted):
+            raise invalid("forbidden", "The launch's response is not this patient's.", status=403)
         qr = await svc.store.read(f"QuestionnaireResponse/{wanted}")
         if qr is None or qr.get("subject", {}).get("reference") != subject:
             raise invalid("forbidden", "The launch's response is not this patient's.", status=403)

@@ -8,11 +8,20 @@ rare path, so its cost does not matter.
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import anyio
+import anyio.to_thread
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from plugin.screening.outcome import invalid
+from plugin.screening.outcome import InvalidInput, Issue, invalid
+from plugin.screening.parsing import is_xml, parse_body
 
 JSON = "application/fhir+json"
 XML = "application/fhir+xml"
@@ -71,6 +80,62 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+ON_LOOP_BYTES = 16 * 1024  # smaller JSON parses in well under a millisecond: a hop elsewhere would cost more
+PARSING_AT_ONCE = 2  # the machine's cores: more parses at once would only share them
+XML_BUDGET_SECONDS = 10.0  # queue and parse; the limits keep a parse near 0.5 s: past this, refused (413)
+_xml_pool: ProcessPoolExecutor | None = None
+
+
+async def read_resource(request: Request, limit: int) -> Any:
+    """The body parsed (JSON or XML), refused with 413 past `limit`.
+
+    XML is parsed and converted in a worker process (fhir.resources holds
+    the GIL, so a thread would still stall the event loop), at most two at
+    once, within a time budget; `xml_limits` bounds the work before it
+    starts. JSON beyond a few kB goes to a thread (orjson is fast; the
+    hop keeps large bodies off the loop).
+    """
+    body = await read_body(request, limit)
+    content_type = sent(request)
+    if is_xml(body, content_type):
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(_xml_parsers(), parse_in_worker, body, content_type, limit)
+        try:
+            parsed, issues, status = await asyncio.wait_for(work, XML_BUDGET_SECONDS)
+        except TimeoutError:
+            raise invalid("too-costly", "The XML took too long to read.", status=413) from None
+        if issues:
+            raise InvalidInput(issues, status)
+        return parsed
+    if len(body) <= ON_LOOP_BYTES:
+        return parse_body(body, content_type, limit)
+    return await anyio.to_thread.run_sync(parse_body, body, content_type, limit)
+
+
+def _xml_parsers() -> ProcessPoolExecutor:
+    """The worker processes for XML (started on first use; spawned, as the service runs threads)."""
+    global _xml_pool
+    if _xml_pool is None:
+        _xml_pool = ProcessPoolExecutor(PARSING_AT_ONCE, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=warm_up)
+    return _xml_pool
+
+
+def parse_in_worker(body: bytes, content_type: str | None, limit: int) -> tuple[Any, list[Issue], int]:
+    """`parse_body` in a worker process: its refusal comes back as a value (exceptions do not pickle well)."""
+    try:
+        return parse_body(body, content_type, limit), [], 200
+    except InvalidInput as error:
+        return None, error.issues, error.status
+
+
+def warm_up() -> None:
+    """Lowers the worker's CPU priority (the service's own process answers first when cores are
+    scarce) and imports the R4B models once, so the first XML body does not pay for it."""
+    os.nice(10)
+    import fhir.resources.R4B  # noqa: F401
 
 
 def too_large(limit: int) -> Exception:

@@ -36,7 +36,8 @@ STRATEGIES = ("asas-2015", "nice-ng65")
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = Settings(strategy=getattr(args, "strategy", None))  # publish has no strategy
+    base = getattr(args, "fhir_base_url", None) or os.environ.get("FHIR_BASE_URL") or None
+    settings = Settings(strategy=getattr(args, "strategy", None), fhir_base=base)  # publish has no strategy
     try:
         return args.run(args, settings)
     except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as Unix tools do

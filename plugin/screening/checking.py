@@ -13,18 +13,19 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from plugin.screening.modifiers import modifier_issues
 from plugin.screening.outcome import InvalidInput, Issue, model_issue
 from plugin.screening.questionnaire import SLOW, CompiledQuestionnaire, EnableWhen, ItemSpec
+from plugin.screening.references import ACCEPTED_FORMS, patient_id, valid_id
+from plugin.screening.timeline import on_timeline
 
 STATUSES = frozenset({"in-progress", "completed", "amended", "entered-in-error", "stopped"})
 MAX_ITEMS = 1000  # the screening has ~40 items; far more is a wrong or hostile body
 MAX_ISSUES = 100
-ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 DATETIME = re.compile(
     r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])"
     r"(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)))?)?)?"
 )
-PATIENT_REF = re.compile(r"(.*/)?Patient/[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?|urn:uuid:[0-9a-f\-]{36}")
 ROOT = "QuestionnaireResponse"
 # The top-level elements of an R4 QuestionnaireResponse and their JSON shape: the response
 # is written back as it came, so a wrong shape here would fail the whole transaction later.
@@ -65,7 +66,7 @@ class _Walk:
 
 
 def check_response(
-    qr: Any, questionnaires: Mapping[str, CompiledQuestionnaire]
+    qr: Any, questionnaires: Mapping[str, CompiledQuestionnaire], fhir_base: str | None = None
 ) -> tuple[CompiledQuestionnaire, dict[str, Any]]:
     """Returns (the Questionnaire, the answers by linkId) or raises InvalidInput with every issue."""
     if not isinstance(qr, dict):
@@ -73,7 +74,7 @@ def check_response(
     if qr.get("resourceType") != ROOT:
         got = qr.get("resourceType")
         raise InvalidInput([Issue("invalid", f"Expected a QuestionnaireResponse, got {_name(got)}.", "resourceType")])
-    issues = _check_header(qr)
+    issues = _check_header(qr, fhir_base) + modifier_issues(qr, ROOT)
     q = _find_questionnaire(qr.get("questionnaire"), questionnaires, issues)
     if q is None:
         raise InvalidInput(issues)
@@ -111,7 +112,7 @@ def _name(value: Any) -> str:
     return repr(value) if isinstance(value, str) and len(value) < 60 else "something else"
 
 
-def _check_header(qr: dict) -> list[Issue]:
+def _check_header(qr: dict, fhir_base: str | None) -> list[Issue]:
     issues = [issue for key, value in qr.items() if (issue := _element_shape(key, value))]
     modelled = {k: v for k, v in qr.items() if k in MODELLED or k.startswith("_")}
     if modelled and not issues:
@@ -127,17 +128,20 @@ def _check_header(qr: dict) -> list[Issue]:
     if subject is None:
         issues.append(Issue("required", "subject is missing: results need the patient they are about.",
                             f"{ROOT}.subject"))
-    elif not isinstance(ref, str) or not PATIENT_REF.fullmatch(ref):
-        issues.append(Issue("invalid", "subject.reference must reference a Patient (e.g. Patient/123).",
+    elif patient_id(ref, fhir_base) is None:
+        issues.append(Issue("invalid", f"subject.reference must reference a Patient as {ACCEPTED_FORMS}.",
                             f"{ROOT}.subject.reference"))
     encounter = qr.get("encounter")
     if encounter is not None and not isinstance(_get(encounter, "reference"), str):
         issues.append(Issue("invalid", "encounter.reference must be a string.", f"{ROOT}.encounter"))
-    if "id" in qr and not (isinstance(qr["id"], str) and ID.fullmatch(qr["id"])):
+    if "id" in qr and not valid_id(qr["id"]):
         issues.append(Issue("value", "id is not a valid FHIR id.", f"{ROOT}.id"))
     authored = qr.get("authored")
     if authored is not None and not (isinstance(authored, str) and DATETIME.fullmatch(authored)):
         issues.append(Issue("value", "authored is not a valid FHIR dateTime.", f"{ROOT}.authored"))
+    elif authored is not None and not on_timeline(authored):
+        issues.append(Issue("value", "authored with its time zone falls outside the years 0001-9999 in UTC.",
+                            f"{ROOT}.authored"))
     return issues
 
 

@@ -14,11 +14,12 @@ from typing import Any
 import orjson
 from lxml import etree
 
+from plugin.screening import xml_limits
 from plugin.screening.outcome import InvalidInput, invalid, model_issue
 
-FHIR_NS = "http://hl7.org/fhir"
+FHIR_NS = xml_limits.FHIR_NS
 MAX_BODY_BYTES = 1024 * 1024  # 1 MiB: a screening response is ~3 kB
-MAX_XML_DEPTH = 64
+MAX_XML_DEPTH = xml_limits.MAX_DEPTH
 MAX_JSON_DEPTH = 32  # a response nests ~8 levels; its Bundle adds 3
 DECLARATION = re.compile(rb"<!(DOCTYPE|ENTITY)", re.IGNORECASE)
 NO_DTD = "XML with a DOCTYPE or entity declarations is not accepted."
@@ -80,6 +81,7 @@ def too_deep(value: Any, limit: int) -> bool:
 def parse_xml(body: bytes) -> dict:
     if DECLARATION.search(body):
         raise invalid("security", NO_DTD)
+    xml_limits.check_bytes(body)
     try:
         root = etree.fromstring(body, parser=xml_parser())
     except etree.XMLSyntaxError as error:
@@ -89,23 +91,8 @@ def parse_xml(body: bytes) -> dict:
     qname = etree.QName(root)
     if qname.namespace != FHIR_NS:
         raise invalid("structure", f"The root element must be in the FHIR namespace {FHIR_NS}.")
-    if _depth(root) > MAX_XML_DEPTH:
-        raise invalid("structure", "The XML is nested too deeply.")
+    xml_limits.check_tree(root)
     return _to_json(root, qname.localname)
-
-
-def _depth(root: etree._Element) -> int:
-    deepest = 0
-    for element in root.iter():
-        depth = 0
-        parent = element
-        while parent is not None and depth <= MAX_XML_DEPTH:
-            parent = parent.getparent()
-            depth += 1
-        deepest = max(deepest, depth)
-        if deepest > MAX_XML_DEPTH:
-            break
-    return deepest
 
 
 def _to_json(root: etree._Element, resource_type: str) -> dict:

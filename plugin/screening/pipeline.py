@@ -20,6 +20,7 @@ from plugin.screening.mappings import RuleSet, load_rule_set
 from plugin.screening.outcome import InvalidInput, invalid
 from plugin.screening.parsing import MAX_BODY_BYTES, parse_body
 from plugin.screening.questionnaire import CompiledQuestionnaire, compile_questionnaire
+from plugin.screening.references import patient_reference
 from plugin.screening.scoring import Scores, score
 
 Clock = Callable[[], datetime]
@@ -31,6 +32,7 @@ class Settings:
 
     strategy: str | None = None  # referral strategy option; None = the rule set's default
     max_body_bytes: int = MAX_BODY_BYTES
+    fhir_base: str | None = None  # the FHIR server's base: a subject may be an absolute URL on it
 
 
 def utc_now() -> datetime:
@@ -72,12 +74,14 @@ class Screener:
         }
 
     def check(self, qr: Any) -> tuple[CompiledQuestionnaire, dict[str, Any]]:
-        return check_response(qr, self.questionnaires)
+        return check_response(qr, self.questionnaires, self.settings.fhir_base)
 
     def process(self, qr: Any) -> Outcome:
         """Check, score and build; raises InvalidInput with every problem found."""
         q, facts = self.check(qr)
         _must_serialize(qr)
+        # Filed (and its results keyed) under the one relative form, however the accepted subject was written.
+        qr["subject"]["reference"] = patient_reference(qr["subject"]["reference"], self.settings.fhir_base)
         if qr["status"] not in SCORED_STATUSES:  # in-progress or stopped: nothing to score or write
             return Outcome(NOTHING_TO_WRITE, qr["status"], None)
         scores = score(self.rule_sets[q.url], facts, self.settings.strategy)

@@ -13,22 +13,21 @@ import base64
 import re
 import sqlite3
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import orjson
 
 from plugin.fhir.client import FhirError
+from plugin.screening import references
 from plugin.screening.outcome import Issue, operation_outcome
+from plugin.screening.timeline import date_range
 
 TOKEN, REFERENCE, URI, DATE = "token", "reference", "uri", "date"
 DEFAULT_COUNT = 50
 MAX_COUNT = 1000
 CONTROL = frozenset({"_count", "_sort", "_summary", "_total", "_cursor"})  # _cursor: our own `next` links
-ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+ID = references.ID  # FHIR ids, less . and .. (one rule for the whole plugin)
 REFERENCE_SHAPE = re.compile(r"(?:.*/)?([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?")
-DATE_SHAPE = re.compile(r"(\d{4})(?:-(\d\d)(?:-(\d\d)(?:T(\d\d):(\d\d)(?::(\d\d)(?:\.(\d+))?)?"
-                        r"(Z|[+-]\d\d:\d\d)?)?)?)?")
 # A target's range [lo, hi] against the search value's range, as FHIR defines each prefix:
 # the SQL, and which bounds of the search value (0 low, 1 high) its placeholders take.
 DATE_TESTS = {
@@ -81,6 +80,8 @@ PARAMS: dict[str, dict[str, Param]] = {
     "Provenance": {"target": _p(REFERENCE, "target"), "patient": _p(REFERENCE, "target", target="Patient")},
     "Questionnaire": _CANONICAL,
     "CodeSystem": _CANONICAL,
+    "StructureDefinition": _CANONICAL,
+    "OperationDefinition": _CANONICAL,
 }
 COMMON = {"_tag": _p(TOKEN, "meta.tag", selective=True)}
 
@@ -143,56 +144,6 @@ def literal_reference(reference: Any) -> tuple[str, str] | None:
         return None
     found = REFERENCE_SHAPE.fullmatch(reference)
     return (found[1], found[2]) if found else None
-
-
-# -- dates ----------------------------------------------------------------------------
-
-
-def instant(moment: datetime) -> str:
-    """FHIR instant in UTC with milliseconds: fixed width, so instants sort and compare as text."""
-    m = moment.astimezone(UTC)  # by hand: strftime does not pad years before 1000 to four digits
-    return (f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}."
-            f"{m.microsecond // 1000:03d}Z")
-
-
-def date_range(text: str) -> tuple[str, str] | None:
-    """The instants a FHIR date, dateTime or instant covers, at its precision; None if it is not one."""
-    found = DATE_SHAPE.fullmatch(text)
-    if not found:
-        return None
-    year, month, day, hour, minute, second, fraction, zone = found.groups()
-    try:
-        zone_info = _zone(zone) if hour else UTC
-        low = datetime(int(year), int(month or 1), int(day or 1), int(hour or 0), int(minute or 0),
-                       int(second or 0), int((fraction or "0")[:3].ljust(3, "0")) * 1000, zone_info)
-        high = _end(low, month, day, hour, second, fraction)
-    except (ValueError, OverflowError):
-        return None
-    return instant(low), instant(high)
-
-
-def _zone(zone: str | None) -> timezone:
-    if not zone or zone == "Z":
-        return UTC  # a time without a zone is taken as UTC, the store's own
-    hours, minutes = int(zone[1:3]), int(zone[4:6])
-    offset = timedelta(hours=hours, minutes=minutes)
-    return timezone(-offset if zone[0] == "-" else offset)
-
-
-def _end(low: datetime, month: str | None, day: str | None, hour: str | None, second: str | None,
-         fraction: str | None) -> datetime:
-    """The last millisecond of the period a value of this precision names."""
-    if not month:
-        following = low.replace(year=low.year + 1)
-    elif not day:
-        following = (low.replace(day=28) + timedelta(days=4)).replace(day=1)
-    elif not hour:
-        following = low + timedelta(days=1)
-    elif not second:
-        following = low + timedelta(minutes=1)
-    else:
-        following = low + (timedelta(milliseconds=1) if fraction else timedelta(seconds=1))
-    return following - timedelta(milliseconds=1)
 
 
 # -- a query ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 
+from plugin.screening.timeline import instant
 from plugin.stores import sqlite_search as search
 from plugin.stores.sqlite_search import ID, literal_reference, refused
 
@@ -88,9 +89,9 @@ class Writer:
         """This transaction's lastUpdated: later than any before it, even if the clock stepped back."""
         if self._now is None:
             row = self.conn.execute("SELECT last FROM clock").fetchone()
-            now = search.instant(datetime.now(UTC))
+            now = instant(datetime.now(UTC))
             if row and now <= row[0]:
-                now = search.instant(datetime.fromisoformat(row[0]) + timedelta(milliseconds=1))
+                now = instant(datetime.fromisoformat(row[0]) + timedelta(milliseconds=1))
             self.conn.execute("INSERT OR REPLACE INTO clock (only, last) VALUES (0, ?)", [now])
             self._now = now
         return self._now
@@ -98,6 +99,7 @@ class Writer:
     def run(self, requests: list[Request]) -> list[tuple[dict, dict]]:
         plans = [self._plan(request) for request in requests]  # matched against the store as it was
         _no_twice(plans, requests)
+        _same_patient(plans, requests)
         resolved = {r.full_url: f"{p.resource_type}/{p.id}" for r, p in zip(requests, plans) if r.full_url}
         done, referenced = [], {}
         for request, plan in zip(requests, plans):
@@ -179,6 +181,19 @@ class Writer:
             if not self.conn.execute("SELECT 1 FROM resources WHERE type = ? AND id = ?", [kind, target]).fetchone():
                 raise refused(400, "processing", f"HAPI-1094: Resource {kind}/{target} not found, specified in "
                                                  f"path: {path}.", path)
+
+
+def _same_patient(plans: list[Plan], requests: list[Request]) -> None:
+    """A stored response never changes patient: a write (or a conditional create's match) that would file
+    one patient's response over another's is refused. Checked under the write lock, so two racing writers
+    cannot both pass it (the plugin's own check reads before it writes)."""
+    for plan, request in zip(plans, requests):
+        if plan.resource_type != "QuestionnaireResponse" or plan.row is None:
+            continue
+        stored = orjson.loads(plan.row[3]).get("subject", {}).get("reference")
+        if stored != (request.resource.get("subject") or {}).get("reference"):
+            raise refused(409, "conflict", f"QuestionnaireResponse/{plan.id} is another patient's response: "
+                                           "nothing was written.", request.where)
 
 
 # -- requests, checked before the store is touched -----------------------------------------

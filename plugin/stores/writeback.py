@@ -15,10 +15,13 @@ from plugin.screening.identity import given_identifier, own_identifier, token
 from plugin.screening.outcome import invalid
 from plugin.screening.pipeline import Outcome, Screener
 from plugin.screening.reconcile import plan, stored_key
+from plugin.stores.keyed_locks import KeyedLocks
 from plugin.stores.store import Store
 
-CANONICAL_TYPES = ("Questionnaire", "CodeSystem")
+# Published in this order: what the others depend on first (the extension the Observations carry).
+CANONICAL_TYPES = ("StructureDefinition", "CodeSystem", "Questionnaire", "OperationDefinition")
 CONFLICT_RETRIES = 3
+RESPONSE_WRITERS = KeyedLocks()
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +34,7 @@ class Written:
 
 
 async def publish(client: Store, screener: Screener) -> list[str]:
-    """Puts the Questionnaires, CodeSystems and the plugin's Device on the server, once each.
+    """Puts the definitions (CANONICAL_TYPES) and the plugin's Device on the server, once each.
 
     Conditional updates on (url, version), and on the Device's identifier,
     so running it again updates in place instead of adding copies. Returns
@@ -105,9 +108,12 @@ async def save(client: Store, job: Job, *, stored_response: dict | None = None) 
     """
     if not job.outcome.bundle.get("entry"):
         return []
-    fresh = stored_response is None
-    state = (await read_states(client, [job], with_responses=fresh, check_patient=fresh))[0]
-    return await write(client, job, state, stored_response=stored_response)
+    if stored_response is not None:
+        state = (await read_states(client, [job], with_responses=False))[0]
+        return await write(client, job, state, stored_response=stored_response)
+    async with RESPONSE_WRITERS.hold(_response_url(job.qr)):  # its patient is checked and written at once
+        state = (await read_states(client, [job], with_responses=True, check_patient=True))[0]
+        return await write(client, job, state)
 
 
 async def write(client: Store, job: Job, state: ServerState, *, stored_response: dict | None = None) -> list[Written]:

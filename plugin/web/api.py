@@ -12,15 +12,15 @@ from starlette.responses import Response
 
 from plugin.fhir import formats
 from plugin.fhir.capability import capability_statement
+from plugin.fhir.searchset import searchset
 from plugin.screening import data
 from plugin.screening.outcome import invalid
-from plugin.screening.parsing import parse_body
 from plugin.stores.writeback import Written, prepare, save, submit
 from plugin.web.security import require_bearer, require_notify_secret
 from plugin.web.service import service
 
-DEFINITION_TYPES = ("Questionnaire", "CodeSystem")
-DEFINITION_SEARCH = {"url", "version", "_id", "_format", "_count", "_summary"}
+DEFINITION_TYPES = ("Questionnaire", "CodeSystem", "StructureDefinition", "OperationDefinition")
+DEFINITION_SEARCH = {"url", "version", "_id", "_format", "_count", "_offset", "_summary"}
 
 
 async def metadata(request: Request) -> Response:
@@ -34,14 +34,10 @@ async def search_definitions(request: Request) -> Response:
     if unknown:
         raise invalid("not-supported", f"Unknown search parameter {sorted(unknown)[0]!r} for {resource_type}; "
                       "known: url, version, _id.")
-    params = request.query_params
+    params = dict(request.query_params)
     found = [r for r in data.definitions(resource_type)
              if all(params.get(k) in (None, r.get(k if k != "_id" else "id")) for k in ("url", "version", "_id"))]
-    entries = [] if params.get("_summary") == "count" else [
-        {"fullUrl": f"{base_url(request)}/{resource_type}/{r['id']}", "resource": r, "search": {"mode": "match"}}
-        for r in found]
-    bundle = {"resourceType": "Bundle", "type": "searchset", "total": len(found), "entry": entries}
-    return formats.reply(bundle, formats.wanted(request))
+    return formats.reply(searchset(base_url(request), resource_type, found, params), formats.wanted(request))
 
 
 async def read_definition(request: Request) -> Response:
@@ -55,7 +51,41 @@ async def read_definition(request: Request) -> Response:
 
 async def extract(request: Request) -> Response:
     """SDC `$extract`: the result Bundle a response gives; nothing is written."""
-    qr = await read_response(request)
+    return _extracted(request, await read_response(request))
+
+
+async def extract_stored(request: Request) -> Response:
+    """`QuestionnaireResponse/{id}/$extract`: the same for a response already in the store.
+
+    It reads a stored response, so it needs the ingest token, as the results do.
+    """
+    svc = service(request)
+    require_bearer(request, svc.settings.ingest_token)
+    wanted_id = request.path_params["id"]  # a FHIR id: the route's convertor matched it
+    qr = await svc.store.read(f"QuestionnaireResponse/{wanted_id}")
+    if qr is None:
+        raise invalid("not-found", f"QuestionnaireResponse/{wanted_id} is not in the store.", status=404)
+    return _extracted(request, qr)
+
+
+async def read_stored(request: Request) -> Response:
+    """`GET /QuestionnaireResponse/{id}[/_history/{vid}]`: a stored response (where `Location` points)."""
+    svc = service(request)
+    require_bearer(request, svc.settings.ingest_token)
+    path = [request.path_params["id"], *(["_history", request.path_params["vid"]] if "vid" in request.path_params
+                                         else [])]  # FHIR ids: the route's convertors matched them
+    qr = await svc.store.read("/".join(["QuestionnaireResponse", *path]))
+    if qr is None:
+        raise invalid("not-found", f"QuestionnaireResponse/{'/'.join(path)} is not in the store.", status=404)
+    return formats.reply(qr, formats.wanted(request), headers=_version_headers(qr))
+
+
+def _version_headers(resource: dict) -> dict[str, str]:
+    version = (resource.get("meta") or {}).get("versionId")
+    return {"ETag": f'W/"{version}"'} if version else {}
+
+
+def _extracted(request: Request, qr: dict) -> Response:
     outcome = service(request).screener.process(qr)
     service(request).count(outcome.label)
     return formats.reply(outcome.bundle, formats.wanted(request))
@@ -101,9 +131,7 @@ async def notified_without_payload(request: Request) -> Response:
 
 async def read_response(request: Request) -> dict:
     """A QuestionnaireResponse from the body, or from a Parameters `questionnaire-response` (SDC)."""
-    limit = service(request).settings.max_body_bytes
-    body = await formats.read_body(request, limit)
-    resource = parse_body(body, formats.sent(request), limit)
+    resource = await formats.read_resource(request, service(request).settings.max_body_bytes)
     if isinstance(resource, dict) and resource.get("resourceType") == "Parameters":
         parameter = next((p for p in resource.get("parameter") or [] if isinstance(p, dict)
                           and p.get("name") == "questionnaire-response"), None)

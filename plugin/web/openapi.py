@@ -56,7 +56,7 @@ def _query(name: str, required: bool = True) -> dict:
 
 def _definitions(kind: str) -> dict:
     search = [FORMAT, *({"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
-                        for n in ("url", "version", "_id"))]
+                        for n in ("url", "version", "_id", "_count", "_offset"))]
     return {
         f"/{kind}": {"get": _op(f"Search the published {kind}s", _answers(200, 400), params=search)},
         f"/{kind}/{{id}}": {"get": _op(f"Read a published {kind}", _answers(200, 404), params=[ID, FORMAT])},
@@ -85,6 +85,8 @@ def document() -> dict:
             "/metadata": {"get": _op("The CapabilityStatement", _answers(200))},
             **_definitions("Questionnaire"),
             **_definitions("CodeSystem"),
+            **_definitions("StructureDefinition"),
+            **_definitions("OperationDefinition"),
             "/Questionnaire/$populate": {"post": _op(
                 "SDC $populate: an in-progress response prefilled from the patient's record (age, HLA-B27, CRP)",
                 _answers(200, 400, 401, 404, 413, 415, 422, 503), body=PARAMETERS, security=True)},
@@ -100,7 +102,15 @@ def document() -> dict:
                 _answers(200, 201, 400, 401, 413, 415, 422, 503), body=QR, security=True)},
             "/QuestionnaireResponse/{id}": {"put": _op(
                 "Subscription notification with a payload: write the response's results",
-                _answers(200, 400, 401, 403, 413, 415, 503), body=QR, params=[ID, SECRET, FORMAT])},
+                _answers(200, 400, 401, 403, 413, 415, 503), body=QR, params=[ID, SECRET, FORMAT]),
+                "get": _op("Read a stored response (where a create's Location points)",
+                           _answers(200, 401, 404, 503), params=[ID, FORMAT], security=True)},
+            "/QuestionnaireResponse/{id}/_history/{vid}": {"get": _op(
+                "Read one version of a stored response", _answers(200, 401, 404, 503),
+                params=[ID, {**ID, "name": "vid"}, FORMAT], security=True)},
+            "/QuestionnaireResponse/{id}/$extract": {"post": _op(
+                "$extract on a stored response: its result Bundle, nothing written",
+                _answers(200, 401, 404, 503), params=[ID, FORMAT], security=True)},
             "/notify": {"post": _op("Subscription notification without a payload: catch up",
                                     {"202": {"description": "Accepted"}, **_answers(401, 403)}, params=[SECRET])},
             "/results/{id}": {"get": _op(

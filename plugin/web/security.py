@@ -7,13 +7,19 @@ refusal says only that access was refused: never which part was wrong.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
+from collections.abc import Awaitable, Callable
 
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from plugin.screening.outcome import InvalidInput, Issue
+from plugin.screening.references import valid_id
+
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 NOTIFY_HEADER = "x-notification-secret"
 # The pages load nothing from elsewhere: their script and styles are served by the plugin itself.
@@ -94,3 +100,17 @@ class PageHeaders:
             await send(message)
 
         await self.app(scope, receive, sending)
+
+
+def checked_id(endpoint: Endpoint) -> Endpoint:
+    """An endpoint whose `{id}` path parameter is a FHIR id (never `.` or `..`, which would climb the store's
+    URL), refused with 400 before the endpoint sees it."""
+
+    @functools.wraps(endpoint)
+    async def guarded(request: Request) -> Response:
+        if not valid_id(request.path_params.get("id")):
+            raise InvalidInput([Issue("value", "The id in the URL is not a valid FHIR id ([A-Za-z0-9-.]{1,64}, "
+                                               "not . or ..).")])
+        return await endpoint(request)
+
+    return guarded

@@ -32,7 +32,7 @@ from tests.fhir_helpers import EXAMPLES, tasks
 
 SERVICE = "/cds-services/backpain-screening"
 FEEDBACK = f"{SERVICE}/feedback"
-AUD = f"http://testserver{SERVICE}"
+AUD = f"http://127.0.0.1:8000{SERVICE}"  # the listen URL (host and port settings): no public URL set
 FHIR_JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
 REFUSED = {"resourceType": "OperationOutcome",
            "issue": [{"severity": "error", "code": "login", "diagnostics": "Access refused."}]}

@@ -307,8 +307,7 @@ def test_every_qr_status_is_accepted(status):
     accept(qr)
 
 
-@pytest.mark.parametrize("reference", ["Patient/example", "https://fhir.example.org/r4/Patient/p-1",
-                                       "Patient/p1/_history/2"])
+@pytest.mark.parametrize("reference", ["Patient/example", "Patient/p-1.a", "Patient/" + "A" * 64])
 def test_patient_subject_references_are_accepted(reference):
     accept(full() | {"subject": {"reference": reference}})
 
@@ -1001,7 +1000,7 @@ def test_deeply_nested_xml():
     body = (b'<QuestionnaireResponse xmlns="http://hl7.org/fhir"><status value="completed"/>'
             + b"<item>" * DEPTH + b"</item>" * DEPTH + b"</QuestionnaireResponse>")
     error = reject(body=body, content_type=XML)
-    assert error.status == 400
+    assert error.status in (400, 413)  # 413: more elements than the limit, found before the depth
 
 
 def test_moderately_nested_xml():
