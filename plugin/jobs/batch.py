@@ -20,6 +20,7 @@ from typing import BinaryIO, TextIO
 import orjson
 
 from plugin.jobs.bulk import Line
+from plugin.jobs.summary import headline, label_of, response_questionnaire, table
 from plugin.screening.outcome import InvalidInput, invalid
 from plugin.screening.pipeline import Screener, Settings
 
@@ -100,7 +101,8 @@ def score_chunk(texts: list[bytes | None]) -> list[tuple[bytes, str, str | None]
         except InvalidInput as error:
             out.append((orjson.dumps(error.to_fhir()), INVALID, error.summary()))
             continue
-        out.append((orjson.dumps(outcome.bundle), outcome.label, None))
+        label = label_of(response_questionnaire(outcome.bundle), outcome.label)
+        out.append((orjson.dumps(outcome.bundle), label, None))
     return out
 
 
@@ -146,6 +148,5 @@ def progress_bar(enabled: bool):  # returns a tqdm bar, imported lazily
 
 
 def summary(counts: Counter) -> str:
-    total = sum(counts.values())
-    parts = ", ".join(f"{label} {n}" for label, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-    return f"{total} responses scored: {parts}" if total else "0 responses: the input was empty"
+    """The counts for a person: one line, then each questionnaire's outcomes as a table."""
+    return "\n".join(part for part in (headline(counts), table(counts)) if part)

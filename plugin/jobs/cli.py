@@ -19,6 +19,7 @@ from plugin.ehr.subscribe import Change, check_endpoint, check_secret, report, s
 from plugin.fhir.client import FhirClient, FhirError
 from plugin.jobs.batch import Report, progress_bar, run_batch, summary
 from plugin.jobs.bulk import BadInput, Line, Partition, check_readable, expand, owned
+from plugin.jobs.summary import as_json as summary_json
 from plugin.jobs.upload import FAILED, upload, upload_summary
 from plugin.screening.outcome import InvalidInput, invalid
 from plugin.screening.parsing import parse_body
@@ -77,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
                        "does, instead of printing them")
     batch.add_argument("--concurrency", type=int, default=8, help="responses written at once with --upload "
                        "(default 8)")
+    batch.add_argument("--json", action="store_true", help="also print the summary as JSON on standard output "
+                       "(with -o or --upload, so that it does not mix with the NDJSON results)")
     _server(batch)
     _strategy(batch)
     batch.set_defaults(run=_batch)
@@ -353,6 +356,8 @@ def _batch_ndjson(args: argparse.Namespace, settings: Settings, lines: Iterator[
               "the output is incomplete.", file=sys.stderr)
         return EXIT_SERVER
     print(f"backpain-screen: {summary(counts)}", file=sys.stderr)
+    if args.json:
+        _print_json(summary_json(counts))
     return 0
 
 
@@ -363,6 +368,8 @@ def _batch_options(args: argparse.Namespace) -> Partition:
         raise ValueError("--upload writes to the store: -o/--output is not used with it")
     if not args.upload and (args.fhir_base_url or args.store):
         raise ValueError("--fhir-base-url and --store are for --upload")
+    if args.json and not (args.upload or (args.output and args.output != "-")):
+        raise ValueError("--json prints on standard output, where the results go: use it with -o FILE or --upload")
     return Partition.parse(args.partition)
 
 
@@ -383,6 +390,8 @@ def _batch_upload(args: argparse.Namespace, settings: Settings, lines: Iterator[
     finally:
         bar.close()
     print(f"backpain-screen: {upload_summary(report)}", file=sys.stderr)
+    if args.json:
+        _print_json(summary_json(report.counts, report.writes))
     if report.writes[FAILED]:
         print(f"backpain-screen: {report.writes[FAILED]} responses were not written; run the same command again "
               "(what is already written is left as it is).", file=sys.stderr)

@@ -34,6 +34,7 @@ from plugin.jobs.batch import (
     start_worker,
 )
 from plugin.jobs.bulk import RESPONSE_TYPE, Line
+from plugin.jobs.summary import label_of, table
 from plugin.screening import systems
 from plugin.screening.identity import response_key
 from plugin.screening.outcome import InvalidInput
@@ -82,7 +83,7 @@ def _score(text: bytes | None) -> Scored:
         return Scored(INVALID, error.summary())
     if not job.outcome.bundle.get("entry"):
         return Scored(job.outcome.label)  # in-progress or stopped: nothing to write
-    label, why = job.outcome.label, None
+    label, why = label_of(job.qr.get("questionnaire"), job.outcome.label), None  # BASDAI's apart
     if job.refused is not None:  # counted and named as invalid, and its red flags written all the same
         label, why = INVALID, f"{job.refused.summary()} Its red flags are written all the same."
     return Scored(label, why, orjson.dumps(job.qr), orjson.dumps(job.outcome.bundle),
@@ -251,10 +252,9 @@ class _Held:
 def upload_summary(report: Report) -> str:
     writes = report.writes
     responses = sum(report.counts.values())
-    outcomes = ", ".join(f"{label} {n}" for label, n in sorted(report.counts.items(), key=lambda kv: (-kv[1], kv[0])))
     line = (f"{responses} responses: {WRITTEN} {writes[WRITTEN]}, {UNCHANGED} {writes[UNCHANGED]}, "
             f"{FAILED} {writes[FAILED]}, {INVALID} {writes[INVALID]}, {NOTHING} {writes[NOTHING]}")
-    line += f"; outcomes: {outcomes}" if outcomes else ""
     if writes[SKIPPED]:
         line += f"; {writes[SKIPPED]} lines of other resource types skipped"
-    return line + (f"; {report.halted}" if report.halted else "")
+    line += f"; {report.halted}" if report.halted else ""
+    return "\n".join(part for part in (line, table(report.counts)) if part)

@@ -56,6 +56,7 @@ class Field:
     urgency: str | None = None  # a red flag's: "emergency" or "urgent" when answered Yes
     part: int = 0  # a group's place among the form's parts ("Part 2 of 4")
     parts: int = 0
+    intro: str | None = None  # a group's text after its first sentence: its heading stays short
 
     @property
     def invalid_message(self) -> str:
@@ -99,8 +100,12 @@ def _field(item: dict, urgency: Mapping[str, str]) -> Field:
         for o in item.get("answerOption", []))
     conditions = [{"question": w.question, "operator": w.operator, "answer": w.answer}
                   for w in map(enable_when, item.get("enableWhen", []))]
+    text, intro = item.get("text", ""), None
+    if kind == "group" and ". " in text:
+        heading, _, intro = text.partition(". ")
+        text = heading + "."
     return Field(
-        link_id=item["linkId"], text=item.get("text", ""), type=kind, options=options,
+        link_id=item["linkId"], text=text, intro=intro, type=kind, options=options,
         minimum=bound(extensions.get(MIN_VALUE)), maximum=bound(extensions.get(MAX_VALUE)),
         unit=(extensions.get(UNIT) or {}).get("valueCoding", {}).get("display"),
         hint=(extensions.get(ENTRY_FORMAT) or {}).get("valueString"),
@@ -154,8 +159,10 @@ def response(questionnaire: dict, compiled: CompiledQuestionnaire, shown: tuple[
         "questionnaire": f"{questionnaire['url']}|{questionnaire['version']}",
         "status": status,
         "authored": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "item": _items(questionnaire.get("item", []), compiled, facts),
     }
+    items = _items(questionnaire.get("item", []), compiled, facts)
+    if items:  # FHIR has no empty arrays
+        qr["item"] = items
     if form_id:
         qr["identifier"] = {"system": FORM_SYSTEM, "value": form_id}
     if subject:

@@ -116,6 +116,11 @@ def document() -> dict:
             "/results/{id}": {"get": _op(
                 "A response's results: HTML for a clinician, a Bundle for machines",
                 _answers(200, 401, 404, html=True), params=[ID, FORMAT], security=True)},
+            "/results": {"get": _op(
+                "Recent results for a clinician (HTML): one patient's or everyone's, most urgent first on each page",
+                _answers(200, 400, 401, html=True),
+                params=[_query("patient", required=False), _query("count", required=False),
+                        _query("page", required=False)], security=True)},
             "/launch": {"get": _op(
                 "SMART App Launch from the EHR: sends the browser to the EHR's authorize endpoint (code, PKCE)",
                 {"302": {"description": "To the EHR's authorization endpoint"}, **_answers(400, 403, 404)},

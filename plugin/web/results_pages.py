@@ -7,7 +7,6 @@ machines `/results/{id}` is a searchset Bundle of its Observations and Tasks.
 
 from __future__ import annotations
 
-from datetime import datetime
 from urllib.parse import urlencode
 
 from starlette.requests import Request
@@ -26,6 +25,7 @@ from plugin.web.service import service
 
 PAGE_SIZE = 25
 MAX_PAGE_SIZE = 100
+MAX_PAGES = 200  # each page reads the ones before it: older results are found by patient
 URGENCY_RANK = {"emergency-assessment": 0, "urgent-assessment": 1, "indeterminate": 2, "test-hla-b27": 3,
                 "refer-rheumatology": 3, "no-referral-indicated": 4, "not-applicable": 4}
 
@@ -63,47 +63,48 @@ async def results(request: Request) -> Response:
 async def index(request: Request) -> Response:
     """Recent responses, for one patient (`?patient=Patient/x`) or everyone, a page at a time.
 
-    Newest first across pages (`?before=` the last one's date); within a
+    Newest first across pages (`?page=n`, by the store's own paging, so
+    results of the same moment are neither lost nor shown twice); within a
     page the most urgent come first, so an emergency is never below a routine result.
     """
     svc = service(request)
     require_bearer(request, svc.settings.ingest_token)
     patient = (request.query_params.get("patient") or "").strip()
-    before = (request.query_params.get("before") or "").strip()
-    count = _count(request.query_params.get("count"))
+    count = _whole(request.query_params.get("count"), "count", PAGE_SIZE, MAX_PAGE_SIZE)
+    number = _whole(request.query_params.get("page"), "page", 1, MAX_PAGES)
     params = {"code": f"{systems.RESULTS}|screening-outcome", "_sort": "-date", "_count": str(count)}
     if patient:
         params["patient"] = patient
-    if before:
-        _check_date(before)
-        params["date"] = f"lt{before}"
-    found = await svc.store.search_page("Observation", params)
-    outcomes = [e["resource"] for e in found.get("entry", []) if e.get("resource", {}).get("resourceType")
-                == "Observation"]
-    tasks = await _open_tasks(svc.store, [_response_of(o) for o in outcomes])
-    rows = sorted((_row(o, tasks) for o in outcomes), key=lambda r: r["date"], reverse=True)
+    outcomes, more = await _page(svc.store, params, number, count)
+    responses = [_response_of(o) for o in outcomes]
+    tasks = await _open_tasks(svc.store, responses)
+    statuses = await _statuses(svc.store, responses)
+    rows = sorted((_row(o, tasks, statuses) for o in outcomes), key=lambda r: r["date"], reverse=True)
     rows.sort(key=lambda r: r["rank"])  # stable: the newest first within each urgency
-    next_link = None
-    if outcomes and len(outcomes) == count:  # a full page: there may be older ones
-        oldest = min(o.get("effectiveDateTime", "") for o in outcomes)
-        query = {"patient": patient, "count": str(count) if count != PAGE_SIZE else "", "before": oldest}
-        next_link = "/results?" + urlencode({k: v for k, v in query.items() if v})
-    return page("results_index.html", rows=rows, patient=patient, next_link=next_link, before=before)
+    link = {"patient": patient, "count": str(count) if count != PAGE_SIZE else ""}
+    older = "/results?" + urlencode({k: v for k, v in {**link, "page": str(number + 1)}.items() if v}) if more else None
+    return page("results_index.html", rows=rows, patient=patient, next_link=older, number=number)
 
 
-def _count(raw: str | None) -> int:
+async def _page(store: Store, params: dict[str, str], number: int, count: int) -> tuple[list[dict], bool]:
+    """Page `number` of the search, and whether there is another after it."""
+    skip, found = (number - 1) * count, []
+    async for resource in store.search("Observation", params):
+        if skip:
+            skip -= 1
+            continue
+        if len(found) == count:
+            return found, True
+        found.append(resource)
+    return found, False
+
+
+def _whole(raw: str | None, name: str, default: int, most: int) -> int:
     if raw is None or raw == "":
-        return PAGE_SIZE
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE_SIZE:
-        raise invalid("value", f"count must be a whole number from 1 to {MAX_PAGE_SIZE}.", "count")
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= most:
+        raise invalid("value", f"{name} must be a whole number from 1 to {most}.", name)
     return int(raw)
-
-
-def _check_date(raw: str) -> None:
-    try:
-        datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise invalid("value", "before must be a date and time (as in the page's own links).", "before") from None
 
 
 def _response_of(observation: dict) -> str:
@@ -125,13 +126,20 @@ async def _open_tasks(store: Store, responses: list[str]) -> dict[str, list[dict
     return by_response
 
 
-def _row(outcome: dict, tasks: dict[str, list[dict]]) -> dict:
+async def _statuses(store: Store, responses: list[str]) -> dict[str, str]:
+    """Each response's status (amended, entered-in-error), read in one round trip."""
+    wanted = [r for r in responses if r]
+    found = await store.read_many(wanted) if wanted else []
+    return {ref: qr.get("status", "") for ref, qr in zip(wanted, found) if qr}
+
+
+def _row(outcome: dict, tasks: dict[str, list[dict]], statuses: dict[str, str]) -> dict:
     code = results_view.outcome_code(outcome)
     response = _response_of(outcome)
     open_tasks = sorted(tasks.get(response, []), key=results_view.task_rank)
     tone, headline, _ = results_view.OUTCOMES.get(code, results_view.NOT_SCORED)
     return {"rank": URGENCY_RANK.get(code, 5), "tone": tone, "icon": results_view.ICONS[tone], "headline": headline,
-            "code": code, "date": outcome.get("effectiveDateTime", ""), "status": outcome.get("status", ""),
+            "code": code, "date": outcome.get("effectiveDateTime", ""), "status": statuses.get(response, ""),
             "patient": (outcome.get("subject") or {}).get("reference", ""), "tasks": open_tasks,
             "link": f"/results/{response.removeprefix('QuestionnaireResponse/')}" if response else None}
 

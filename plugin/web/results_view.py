@@ -206,6 +206,9 @@ def _deciding(instruments: tuple[Instrument, ...]) -> tuple[str, ...]:
 
 
 def _value(observation: dict) -> Any:
+    absent = ((observation.get("dataAbsentReason") or {}).get("coding") or [{}])[0]
+    if absent:  # "not applicable" (the instrument does not apply), never a bare "unknown"
+        return absent.get("display", absent.get("code", "")).lower()
     if "valueCodeableConcept" in observation:
         return observation["valueCodeableConcept"].get("text") or code_of({"code": observation["valueCodeableConcept"]})
     for key in ("valueInteger", "valueBoolean", "valueQuantity"):

@@ -114,7 +114,8 @@ def test_batch_keeps_order_and_survives_bad_lines(tmp_path, workers):
         else:
             assert result["resourceType"] == "OperationOutcome"
     summary = done.stderr.decode()
-    assert f"{len(lines)} responses scored" in summary and "invalid 3" in summary
+    scored = sum(b'"completed"' in line for line in good)
+    assert f"{len(lines)} responses: {scored} scored, 3 invalid, {len(good) - scored} not finished" in summary
 
 
 def test_batch_line_over_the_limit_is_one_outcome_line(tmp_path):
@@ -169,3 +170,20 @@ def test_batch_into_a_closed_pipe_stops_quietly(tmp_path):
     reader.wait()
     assert done.returncode == 0
     assert b"Traceback" not in done.stderr
+
+
+def test_batch_summary_as_json_keeps_basdai_and_invalid_apart(tmp_path):
+    examples = ROOT / "questionnaires" / "examples"
+    lines = [orjson.dumps(orjson.loads((examples / name).read_bytes()))
+             for name in ("qr-emergency.json", "qr-urgent.json", "qr-basdai.json", "qr-in-progress.json")]
+    source = tmp_path / "in.ndjson"
+    source.write_bytes(b"\n".join([*lines, b"{not json"]) + b"\n")
+    done = run("batch", str(source), "-o", str(tmp_path / "out.ndjson"), "--json")
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout) == {
+        "responses": 5, "scored": 3, "invalid": 1, "not_finished": {"in-progress": 1},
+        "outcomes": {"back-pain-screening": {"emergency-assessment": 1, "urgent-assessment": 1},
+                     "basdai": {"positive": 1}}}
+    assert "5 responses: 3 scored, 1 invalid, 1 not finished" in done.stderr.decode()
+    mixed = run("batch", str(source), "--json")  # the results go to standard output: the JSON would mix in
+    assert mixed.returncode == 2 and b"use it with -o FILE or --upload" in mixed.stderr and not mixed.stdout

@@ -9,39 +9,22 @@ Policy violation would). Screenshots of each filled form and result page are kep
 in tests/screenshots/ (not in git) for a human to look at. axe-core (npm, tests/web/axe/) checks
 every page and state against WCAG 2.1 A and AA: no serious or critical violation.
 
-Chromium comes from the distribution (`apt-get install -y chromium`), never a
-Playwright download; without it the test fails rather than skips, so CI cannot
-pass while silently not checking the page.
+The service, the browser and axe-core are tests/web/browser.py's (fixtures in tests/web/conftest.py).
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import parse_qsl
 
 import orjson
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, Request, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
-from plugin.stores.sqlite import SqliteStore
-from tests.fhir_helpers import free_port, npm_install, stop, wait_until_ready
+from tests.web.browser import PHONE, ROOT, Visit, accessible, shot, stored_responses, top
 
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = Path(__file__).resolve().parents[1] / "screenshots"
-AXE = Path(__file__).resolve().parent / "axe"
-WCAG = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]
 QUESTIONNAIRE = orjson.loads((ROOT / "questionnaires" / "back-pain-screening.json").read_bytes())
 REFER_EXAMPLE = orjson.loads((ROOT / "questionnaires" / "examples" / "qr-refer-asas.json").read_bytes())
-PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True,
-         "device_scale_factor": 2}
 # Roles of the AX tree that are form controls: each must have a name a screen reader can say.
 CONTROL_ROLES = {"radio", "spinbutton", "textbox", "checkbox", "combobox", "button"}
 
@@ -66,127 +49,7 @@ def choice_label(link_id: str, code: str) -> str:
     return next(o["valueCoding"]["display"] for o in ITEMS[link_id]["answerOption"] if o["valueCoding"]["code"] == code)
 
 
-# --- the service and the browser ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Service:
-    url: str
-    log: Path
-    store: Path
-
-    def said(self) -> str:
-        """The end of the service's log, for a failure message (it logs no answers)."""
-        return self.log.read_text(errors="replace")[-3000:]
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """The real service on a free port with its own embedded store; always stopped."""
-    where = tmp_path_factory.mktemp("form-browser")
-    port = free_port()
-    # The embedded store, whatever the environment says (FHIR_BASE_URL may point the other tests at a server).
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKPAIN_", "FHIR_"))}
-    log = (where / "serve.log").open("wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "plugin.jobs.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--store", str(where / "store.sqlite3")],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    running = Service(f"http://127.0.0.1:{port}", where / "serve.log", where / "store.sqlite3")
-    try:
-        wait_until_ready(f"{running.url}/readyz", server, 30, running.said)
-        yield running
-    finally:
-        stop(server)
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def playwright() -> Iterator[Playwright]:
-    with sync_playwright() as driver:
-        yield driver
-
-
-@pytest.fixture(scope="module")
-def browser(playwright: Playwright) -> Iterator[Browser]:
-    executable = shutil.which("chromium")
-    if executable is None:
-        pytest.fail("Chromium is not installed, so the form page cannot be checked in a browser. "
-                    "Install the distribution's package: apt-get install -y chromium")
-    # Chromium's sandbox cannot start as root (CI containers); the pages opened are the service's own.
-    args = ["--no-sandbox"] if os.geteuid() == 0 else []
-    browser = playwright.chromium.launch(executable_path=executable, headless=True, args=args)
-    yield browser
-    browser.close()
-
-
-@dataclass
-class Visit:
-    """A phone-sized page and what it did: every request, console error and uncaught script error."""
-
-    page: Page
-    service: Service
-    requests: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-
-    def on_request(self, request: Request) -> None:
-        self.requests.append(request.url)
-
-    def on_console(self, message: ConsoleMessage) -> None:
-        if message.type == "error":  # a missing icon, a CSP violation, a script error: all count
-            self.errors.append(f"{message.text} ({message.location.get('url')})")
-
-
-@pytest.fixture(scope="module")
-def axe_script() -> Path:
-    npm_install(AXE)
-    return AXE / "node_modules" / "axe-core" / "axe.min.js"
-
-
-@pytest.fixture
-def visit(browser: Browser, service: Service, axe_script: Path) -> Iterator[Visit]:
-    context = browser.new_context(**PHONE, base_url=service.url)
-    # Added through DevTools, so the page's Content Security Policy (rightly) does not stop it.
-    context.add_init_script(path=axe_script)
-    page = context.new_page()
-    page.set_default_timeout(10_000)
-    seen = Visit(page, service)
-    page.on("request", seen.on_request)
-    page.on("console", seen.on_console)
-    page.on("pageerror", lambda error: seen.errors.append(f"uncaught: {error}"))
-    try:
-        yield seen
-        # (e) for every page every test opened: only the service was asked for anything, and nothing went wrong.
-        elsewhere = [u for u in seen.requests if not (u == service.url or u.startswith(f"{service.url}/"))]
-        assert not elsewhere, f"the pages asked other hosts: {elsewhere}"
-        assert not seen.errors, f"console errors: {seen.errors}"
-    finally:
-        context.close()
-
-
 # --- acting like a user -------------------------------------------------------------------------------------------
-
-def accessible(page: Page, state: str) -> None:
-    """axe-core on the page as it is now: no serious or critical WCAG 2.1 AA violation."""
-    found = page.evaluate("(tags) => axe.run(document, {runOnly: {type: 'tag', values: tags}})", WCAG)
-    bad = [f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes']][:3]}"
-           for v in found["violations"] if v["impact"] in ("serious", "critical")]
-    assert not bad, f"{state}: {bad}"
-    assert found["passes"], f"{state}: axe checked nothing"
-
-
-def shot(page: Page, name: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=ARTIFACTS / f"{name}.png", full_page=True)
-
-
-def stored_responses(service: Service) -> list[dict]:
-    """The QuestionnaireResponses in the running service's own store, read from its file."""
-    async def read() -> list[dict]:
-        async with SqliteStore(service.store) as store:
-            return [r async for r in store.search("QuestionnaireResponse", {})]
-    with ThreadPoolExecutor(1) as other:  # Playwright's own event loop runs in this thread
-        return other.submit(asyncio.run, read()).result()
-
 
 def open_form(visit: Visit, query: str = "") -> Page:
     page = visit.page
@@ -372,12 +235,6 @@ def test_d_fits_a_phone_and_every_control_has_a_name(visit: Visit):
 RED_FLAGS = [i["linkId"] for g in QUESTIONNAIRE["item"] if g["linkId"] == "red-flags" for i in g["item"]]
 
 
-def top(page: Page, selector: str) -> float:
-    box = page.locator(selector).first.bounding_box()
-    assert box is not None, f"{selector} is not on screen"
-    return box["y"]
-
-
 def test_e_red_flag_on_a_phone_gets_advice_at_once_then_a_result_sent_once(visit: Visit):
     """Red flags come first; a Yes shows the emergency advice before the rest of the form and saves the answers
     so far; the finished form, double-clicked, is one response; 'fill in again' keeps the patient's link."""
@@ -430,6 +287,13 @@ def test_f_a_patient_who_stops_after_the_red_flags_is_still_heard(visit: Visit):
     expect(alert).not_to_contain_text("Seek urgent care now")
     expect(alert).to_contain_text("Your answers so far have been sent to your care team.")
     shot(page, "stopped-after-red-flags")
+    with page.expect_response(f"{visit.service.url}/form/progress"):  # a change of mind is sent as well
+        yes_no(page, "rf-fever", False)
+    mine = [r for r in stored_responses(visit.service) if r["subject"]["reference"] == patient]
+    assert answers_of(mine[0])["rf-fever"] is False
+    expect(page.locator("#flag-advice")).to_be_hidden()
+    with page.expect_response(f"{visit.service.url}/form/progress"):
+        yes_no(page, "rf-fever", True)
     page.close()
     mine = [r for r in stored_responses(visit.service) if r["subject"]["reference"] == patient]
     assert len(mine) == 1 and mine[0]["status"] == "in-progress"
@@ -482,3 +346,21 @@ def test_h_a_result_never_reassures_about_unanswered_red_flags(visit: Visit):
     expect(unanswered).not_to_contain_text(text("rf-saddle-numbness"))
     expect(page.get_by_text("No signs of inflammatory back pain")).to_have_count(0)
     expect(page.get_by_role("heading", name="When to get help straight away")).to_be_visible()
+
+
+def test_i_keyboard_only_reaches_a_red_flag_and_gets_the_advice(visit: Visit):
+    """No mouse: Tab to the first question, arrow keys and Space to answer Yes; the advice appears, and the
+    focus is where the patient left it (on the answer), not thrown elsewhere."""
+    page = open_form(visit)
+    first = question(page, RED_FLAGS[0]).get_by_role("radio", name="Yes", exact=True)
+    for _ in range(10):
+        page.keyboard.press("Tab")
+        if first.evaluate("e => e === document.activeElement"):
+            break
+    else:
+        pytest.fail("Tab never reached the first red-flag question")
+    page.keyboard.press("Space")
+    expect(first).to_be_checked()
+    expect(page.get_by_role("alert")).to_contain_text("Seek urgent care now")
+    expect(first).to_be_focused()
+    shot(page, "keyboard-red-flag")

@@ -1096,6 +1096,106 @@ def test_form_errors_for_a_browser_are_a_page(settings):
         assert "secret" not in forbidden.text.lower()
 
 
+def form_id() -> str:
+    return "6f1c3a52-0b7e-4d5c-9a51-3c2f4e8b7a10"
+
+
+def test_a_red_flag_saves_the_answers_so_far_as_one_in_progress_response(client):
+    """The page's script sends the answers so far (POST /form/progress); the finished form is the same response."""
+    patient = new_patient(client)
+    so_far = {"patient": patient, "form-id": form_id(), "rf-leg-weakness": "true", "onset-age": "200"}
+    answer = client.post("/form/progress", data=so_far)
+    assert answer.status_code == 200 and answer.json() == {"saved": True, "outcome": "emergency-assessment"}
+    (saved,) = stored(client, "QuestionnaireResponse")
+    assert saved["status"] == "in-progress" and saved["subject"]["reference"] == patient
+    assert saved["identifier"]["value"] == form_id()
+    answers = {i["linkId"]: i["answer"][0] for g in saved["item"] for i in g["item"]}
+    assert answers == {"rf-leg-weakness": {"valueBoolean": True}}  # the age of 200 is not taken
+    for _ in range(2):  # a double click
+        done = client.post("/form", data={**so_far, "onset-age": "30"})
+        assert done.status_code == 200 and "Seek urgent care now" in done.text
+    (final,) = stored(client, "QuestionnaireResponse")
+    assert final["status"] == "completed" and final["id"] == saved["id"]
+    assert client.post("/form/progress", data={"patient": patient, "rf-fever": "true"}).status_code == 400  # no id
+    unsaved = client.post("/form/progress", data={"form-id": form_id(), "rf-fever": "true"})
+    assert unsaved.json() == {"saved": False, "outcome": "urgent-assessment"}  # no patient: advice only
+
+
+def test_without_script_the_red_flag_button_sends_them_and_gives_the_form_back(client):
+    patient = new_patient(client)
+    answer = client.post("/form", data={"patient": patient, "form-id": form_id(), "stage": "red-flags",
+                                        "rf-fever": "true", "pain-duration": "1y-5y"}, headers=HTML)
+    assert answer.status_code == 200
+    html = answer.text
+    assert html.index("Contact a doctor today") < html.index('id="screening"')  # the advice, then the form
+    assert "Your answers so far have been sent to your care team." in html
+    assert f'value="{form_id()}"' in html and 'value="1y-5y" checked' in html  # the same form, answers kept
+    assert [r["status"] for r in stored(client, "QuestionnaireResponse")] == ["in-progress"]
+
+
+def test_a_patient_form_cannot_answer_the_clinicians_questions(settings):
+    with client_with(settings, form_secret="form-secret") as signed:
+        patient = new_patient(signed)
+        sig = hmac.new(b"form-secret", patient.encode(), hashlib.sha256).hexdigest()
+        clinician = hmac.new(b"form-secret", f"{patient}|clinician".encode(), hashlib.sha256).hexdigest()
+        assert signed.get("/", params={"patient": patient, "sig": sig, "clinician": "1"}).status_code == 403
+        form = signed.get("/", params={"patient": patient, "sig": clinician, "clinician": "1"})
+        assert form.status_code == 200 and 'name="hla-b27"' in form.text
+        assert 'name="hla-b27"' not in signed.get("/", params={"patient": patient, "sig": sig}).text
+        signed.post("/form", data={"patient": patient, "sig": sig, "hla-b27": "positive", "rf-fever": "false"})
+        signed.post("/form", data={"patient": patient, "sig": clinician, "clinician": "1", "hla-b27": "positive"})
+        by_role = [{i["linkId"] for g in qr["item"] for i in g["item"]}
+                   for qr in stored(signed, "QuestionnaireResponse")]
+        assert sorted(by_role, key=len) == [{"rf-fever"}, {"hla-b27"}]
+        again = signed.post("/form", data={"patient": patient, "sig": sig, "rf-fever": "false"}, headers=HTML)
+        assert f'href="/?patient={patient.replace("/", "%2F")}&amp;sig={sig}"' in again.text  # fill in again
+
+
+def test_results_index_most_urgent_first_and_every_result_once_across_pages(client):
+    for name in ("qr-no-referral.json", "qr-emergency.json", "qr-indeterminate.json"):
+        ingest(client, name)  # all of the same moment: paging must neither lose nor repeat one
+    html = client.get("/results", headers=HTML).text
+    order = [html.index(t) for t in ("Emergency assessment today", "Indeterminate", "No referral indicated")]
+    assert order == sorted(order)
+    seen = []
+    for number in (1, 2, 3):
+        page = client.get("/results", params={"count": "1", "page": str(number)}, headers=HTML).text
+        seen += re.findall(r'href="/results/(qr-[a-z-]+)"', page)
+        assert ("Older results" in page) == (number < 3)
+    assert sorted(seen) == ["qr-emergency", "qr-indeterminate", "qr-no-referral"]
+    one = stored(client, "QuestionnaireResponse")[0]["subject"]["reference"]
+    mine = client.get("/results", params={"patient": one}, headers=HTML).text
+    assert len(re.findall(r'href="/results/qr-', mine)) == 1
+    for bad in ({"count": "0"}, {"count": "abc"}, {"page": "0"}, {"count": "101"}):
+        assert client.get("/results", params=bad).status_code == 400, bad
+
+
+def test_results_index_needs_the_token(settings):
+    with client_with(settings, ingest_token="ingest-secret") as locked:
+        assert locked.get("/results").status_code == 401
+        assert locked.get("/results", headers={"Authorization": "Bearer ingest-secret"}).status_code == 200
+
+
+def test_results_pages_for_wrong_patient_or_a_bad_link(client):
+    qr = ingest(client, "qr-emergency.json")
+    other = client.get(f"/results/{qr['id']}", params={"patient": "Patient/someone-else"}, headers=HTML)
+    assert other.status_code == 404 and "Result not found" in other.text
+    forged = client.get(f"/results/{qr['id']}", params={"access": "forged"}, headers=HTML)
+    assert forged.status_code == 403 and "You cannot open this result" in forged.text
+    assert "Please check your answers" not in other.text + forged.text  # not the patient form's error page
+
+
+def test_an_entered_in_error_result_says_so_and_why_its_task_was_cancelled(client):
+    qr = ingest(client, "qr-refer-asas.json")
+    withdrawn = post_json(client, "/QuestionnaireResponse", {**qr, "status": "entered-in-error"})
+    assert withdrawn.status_code in (200, 201), withdrawn.text
+    html = client.get(f"/results/{qr['id']}", headers=HTML).text
+    (task,) = stored(client, "Task")
+    assert task["status"] == "cancelled" and task["statusReason"]["text"]
+    assert html.index("Entered in error: this response was withdrawn") < html.index("What to do")
+    assert f"Cancelled: {task['statusReason']['text']}" in html
+
+
 # -- settings --------------------------------------------------------------------------------------------------
 
 

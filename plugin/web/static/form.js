@@ -9,6 +9,7 @@
   var form = document.getElementById('screening');
   if (!form) return;
   var sending = false;
+  var sentOnce = false;  // the answers so far were sent once: keep the stored copy up to date
 
   function current(name) {
     var inputs = form.querySelectorAll('[name="' + name + '"]');
@@ -105,8 +106,12 @@
     var question = event.target.closest && event.target.closest('[data-urgency]');
     if (!question) return;
     var urgency = flagged();
+    var box = document.getElementById('flag-advice');
+    // Right under the Yes just given, where the patient is looking; it stays before the rest of the form.
+    if (box && event.target.value === 'true') question.insertAdjacentElement('afterend', box);
     var section = showAdvice(urgency);
-    if (urgency !== null) saveProgress(section);
+    // Once a flag was Yes, every later change is sent too, so the care team sees the answers as they stand.
+    if (urgency !== null || sentOnce) { sentOnce = true; saveProgress(section); }
   }
 
   function validate(input) {
