@@ -104,6 +104,9 @@ async def readyz(request: Request) -> Response:
     svc = service_of(request)
     try:  # a probe must answer quickly: no waiting out the client's retries
         await asyncio.wait_for(svc.store.search_page("Questionnaire", {"_summary": "count"}), READY_WITHIN)
+        writable = getattr(svc.store, "check_writable", None)  # the embedded store: a file that reads may not write
+        if writable is not None:
+            await asyncio.wait_for(writable(), READY_WITHIN)
     except (FhirError, TimeoutError) as error:
         svc.metrics.store_errors.inc()
         LOG.warning("store not ready", extra={"event": "readyz", "store": svc.store_name,
