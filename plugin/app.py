@@ -41,6 +41,7 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> Starlet
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await service.store.__aenter__()
+        formats.start_xml_workers()
         try:
             yield
         finally:
