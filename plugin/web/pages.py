@@ -21,7 +21,7 @@ from starlette.responses import HTMLResponse, Response
 from plugin.fhir import formats
 from plugin.fhir.client import FhirError
 from plugin.observability import event
-from plugin.screening import data
+from plugin.screening import data, references
 from plugin.screening.outcome import InvalidInput, Issue, invalid
 from plugin.settings import ServiceSettings
 from plugin.stores.writeback import prepare, read_states, save
@@ -114,9 +114,10 @@ def _patient(request_values: dict[str, str], settings: ServiceSettings) -> str |
         raise refused(403)
     if secret and not same(request_values.get("sig"), signature(patient, secret)):
         raise refused(403)
-    if not patient.startswith("Patient/"):
+    named = references.patient_reference(patient, settings.fhir_base_url)  # the rule every response meets
+    if named is None:  # refused when the form is opened, not after the patient filled it in
         raise invalid("value", "The link names no patient this form can be saved for.")
-    return patient
+    return named
 
 
 async def form_page(request: Request) -> Response:
