@@ -12,7 +12,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from plugin.ehr import cds_hooks, populate_api, smart_launch
 from plugin.fhir import formats
 from plugin.fhir.client import FhirError
-from plugin.observability import LOG, RequestMetrics, configure_logging
+from plugin.observability import CLIENT_GONE, LOG, RequestMetrics, configure_logging, route_of
 from plugin.screening.outcome import InvalidInput, Issue, operation_outcome
 from plugin.settings import ServiceSettings, service_settings
 from plugin.stores.store import Store
@@ -30,6 +30,7 @@ from plugin.web.openapi import openapi
 from plugin.web.security import PageHeaders, checked_id
 from plugin.web.service import Service
 from plugin.web.service import service as service_of
+from plugin.web.slow_clients import BodyDeadline
 
 READY_WITHIN = 3.0  # seconds the store has to answer a readiness probe
 ISSUE_CODES = {404: "not-found", 405: "not-supported", 406: "not-supported", 413: "too-costly", 415: "not-supported"}
@@ -41,12 +42,14 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> Starlet
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await service.store.__aenter__()
+        formats.start_xml_workers()
         try:
             yield
         finally:
             await service.close()
 
-    middleware = [Middleware(RequestMetrics, metrics=service.metrics), Middleware(CatchAll), Middleware(PageHeaders)]
+    middleware = [Middleware(RequestMetrics, metrics=service.metrics), Middleware(CatchAll), Middleware(PageHeaders),
+                  Middleware(BodyDeadline)]
     if settings.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                                      allow_methods=["GET", "POST", "PUT"], expose_headers=["Location", "ETag"],
@@ -128,6 +131,9 @@ async def readyz(request: Request) -> Response:
     svc = service_of(request)
     try:  # a probe must answer quickly: no waiting out the client's retries
         await asyncio.wait_for(svc.store.search_page("Questionnaire", {"_summary": "count"}), READY_WITHIN)
+        writable = getattr(svc.store, "check_writable", None)  # the embedded store: a file that reads may not write
+        if writable is not None:
+            await asyncio.wait_for(writable(), READY_WITHIN)
     except (FhirError, TimeoutError) as error:
         svc.metrics.store_errors.inc()
         LOG.warning("store not ready", extra={"event": "readyz", "store": svc.store_name,
@@ -194,6 +200,9 @@ class CatchAll:
 
         try:
             await self.app(scope, receive, sending)
+        except ClientDisconnect:  # the caller hung up mid-request: nothing to answer, and no fault of ours
+            scope[CLIENT_GONE] = True
+            LOG.info("client disconnected", extra={"event": "client-disconnected", "route": route_of(scope)})
         except Exception as error:
             LOG.error("unexpected error", extra={"event": "crash", "reason": type(error).__name__})
             if scope["type"] != "http":

@@ -67,6 +67,10 @@ class Metrics:
         children[1].observe(seconds)
 
 
+CLIENT_GONE = "backpain.client_gone"  # set in the scope when the caller disconnected before its answer
+CLIENT_CLOSED = 499  # counted as nginx logs it ("client closed request"), not as a 500
+
+
 class RequestMetrics:
     """ASGI middleware: counts and times each request by its route template (never its path: ids stay out)."""
 
@@ -92,7 +96,8 @@ class RequestMetrics:
             await self.app(scope, receive, sending)
         finally:
             self.metrics.in_flight.dec()
-            route = _route(scope)
+            route = route_of(scope)
+            status = CLIENT_CLOSED if scope.get(CLIENT_GONE) else status
             elapsed = time.perf_counter() - start
             self.metrics.observe(scope["method"], route, status, elapsed)
             if route != "/metrics" and LOG.isEnabledFor(logging.DEBUG):
@@ -100,6 +105,6 @@ class RequestMetrics:
                                             "status": status, "ms": round(elapsed * 1000, 2)})
 
 
-def _route(scope: Scope) -> str:
+def route_of(scope: Scope) -> str:
     route = scope.get("route")
     return getattr(route, "path", None) or "unmatched"

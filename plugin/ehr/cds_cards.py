@@ -56,7 +56,14 @@ OVERRIDE_REASONS = [
     {"system": OVERRIDE_REASONS_SYSTEM, "code": "answers-inaccurate",
      "display": "Answers do not reflect the patient's situation"},
 ]
-MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>#|!])")  # what could make a link, an image, HTML or emphasis
+# What could make a link, an image, HTML, an entity, emphasis, code or a table out of stored text (escaped with
+# a backslash, as CommonMark allows); a list or heading marker is escaped where a text starts (`_md`). Bare URLs
+# (which GFM renderers link by themselves) get a word joiner after their scheme or "www": shown, never linked.
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>#|!()~&])")
+LINE_START = re.compile(r"^([-+=]|\d{1,9}[.)])")  # "- ", "+ ", "= " and "1. ", "1) " where a line starts
+AUTOLINK = re.compile(r"(?i)(https?|ftp|mailto|www)")
+WORD_JOINER = "\u2060"
+DATE = re.compile(r"\d{4}-\d\d-\d\d")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,30 +135,31 @@ def cards(outcome: dict | None, tasks: list[dict], findings: dict[str, dict], ct
 
 
 def outcome_code(observation: dict) -> str | None:
-    return next((c.get("code") for c in observation.get("valueCodeableConcept", {}).get("coding", [])
+    return next((c.get("code") for c in _dicts(_get(observation, "valueCodeableConcept", "coding"))
                  if c.get("system") == systems.RESULTS), None)
 
 
 def result_code(observation: dict) -> str | None:
-    return next((c.get("code") for c in observation.get("code", {}).get("coding", [])
+    return next((c.get("code") for c in _dicts(_get(observation, "code", "coding"))
                  if c.get("system") == systems.RESULTS), None)
 
 
 def member_refs(observation: dict) -> list[str]:
-    return [m.get("reference", "") for m in observation.get("hasMember", [])]
+    return [ref for m in _dicts(observation.get("hasMember")) if isinstance(ref := m.get("reference"), str)]
 
 
 def task_identifier(task: dict) -> str | None:
-    return next((i.get("value") for i in task.get("identifier", []) if i.get("system") == systems.SID_TASK), None)
+    return next((i["value"] for i in _dicts(task.get("identifier"))
+                 if i.get("system") == systems.SID_TASK and isinstance(i.get("value"), str)), None)
 
 
 def plugin_task(task: dict, patient: str) -> bool:
     """One of the plugin's screening Tasks, about this patient (a prefetch may hold others)."""
-    return task_identifier(task) is not None and task.get("for", {}).get("reference") == patient
+    return task_identifier(task) is not None and _get(task, "for", "reference") == patient
 
 
 def task_kind(task: dict) -> Kind | None:
-    codes = {(c.get("system"), c.get("code")) for c in task.get("code", {}).get("coding", [])}
+    codes = {(c.get("system"), c.get("code")) for c in _dicts(_get(task, "code", "coding"))}
     if REFERRAL in codes:
         return KINDS["referral"]
     if HLA_B27_TEST in codes:
@@ -164,8 +172,9 @@ def task_kind(task: dict) -> Kind | None:
 def criteria(observation: dict) -> tuple[list[str], list[str]]:
     """(criteria met, criteria not answered) of a result, by their display text."""
     met, unknown = [], []
-    for component in observation.get("component", []):
-        name = next((c.get("display") for c in component.get("code", {}).get("coding", []) if c.get("display")), None)
+    for component in _dicts(observation.get("component")):
+        name = next((c["display"] for c in _dicts(_get(component, "code", "coding"))
+                     if isinstance(c.get("display"), str) and c["display"]), None)
         if not name:
             continue
         if component.get("valueBoolean") is True:
@@ -185,12 +194,12 @@ def reason_member(members: list[dict], kind: Kind) -> dict | None:
 def task_card(task: dict, kind: Kind, latest: str | None, outcome: dict | None, outcome_ref: str | None,
               members: list[dict], ctx: Context) -> dict:
     # no outcome known (not prefetched): the Task is taken as the current one
-    from_latest = outcome_ref is None or task.get("reasonReference", {}).get("reference") == outcome_ref
+    from_latest = outcome_ref is None or _get(task, "reasonReference", "reference") == outcome_ref
     indicator = kind.indicator
     if from_latest:
         summary = kind.summary
     else:
-        label = task.get("code", {}).get("text") or kind.name
+        label = " ".join(_text(_get(task, "code", "text")).split()) or kind.name
         summary = f"Earlier back-pain screening{_on(task.get('authoredOn'))} awaits a decision: {label}"
         if latest in BENIGN:
             # The latest screening found nothing: a referral or test decision is still owed, but not urgently.
@@ -210,7 +219,7 @@ def task_card(task: dict, kind: Kind, latest: str | None, outcome: dict | None, 
         "selectionBehavior": "at-most-one",
         "overrideReasons": OVERRIDE_REASONS,
     }
-    link = results_link(task.get("focus", {}).get("reference"), ctx)
+    link = results_link(_text(_get(task, "focus", "reference")) or None, ctx)
     if link:
         card["links"] = [link]
     return card
@@ -226,14 +235,15 @@ def indeterminate_card(outcome: dict, members: list[dict], ctx: Context) -> dict
         lines += ["Some answers are missing; open the screening results to see which.", ""]
     lines.append(FOOTER)
     card: dict[str, Any] = {
-        "uuid": next((i.get("value") for i in outcome.get("identifier", [])
+        "uuid": next((i.get("value") for i in _dicts(outcome.get("identifier"))
                       if i.get("system") == systems.SID_OBSERVATION), None) or uuid5(f"outcome|{outcome.get('id')}"),
         "summary": INDETERMINATE_SUMMARY,
         "indicator": "info",
         "detail": "\n".join(lines),
         "source": source(ctx),
     }
-    link = results_link(next((d.get("reference") for d in outcome.get("derivedFrom", [])), None), ctx)
+    response_ref = next((_text(d.get("reference")) or None for d in _dicts(outcome.get("derivedFrom"))), None)
+    link = results_link(response_ref, ctx)
     if link:
         card["links"] = [link]
     return card
@@ -245,22 +255,22 @@ FOOTER = (f"{data.safety_netting('clinician')}\n\n"
 
 def task_detail(task: dict, kind: Kind, reason: dict | None, latest: dict | None, when: str | None) -> str:
     """Markdown: the Task, the criteria met (and red flags not answered), the rule's source, what came later."""
-    code = task.get("code", {}).get("text") or kind.name
-    lines = [f"**{_md(code)}** (priority {_md(task.get('priority', 'routine'))}), "
+    code = _text(_get(task, "code", "text")) or kind.name
+    lines = [f"**{_md(code)}** (priority {_md(_text(task.get('priority')) or 'routine')}), "
              f"from back-pain screening{_on(when)}.", ""]
     if reason is not None:
         met, unknown = criteria(reason)
-        description = (task.get("description") or "").split(" Criteria met:")[0]
+        description = _text(task.get("description")).split(" Criteria met:")[0]
         if description:
             lines += [_md(description), ""]
         if met:
             lines += [f"Criteria met ({_md(_display_code(reason))}):", *_bullets(met), ""]
         if unknown and kind.reason_result == "red-flags":
             lines += ["Not answered, ask the patient:", *_bullets(unknown), ""]
-        citation = reason.get("method", {}).get("text")
+        citation = _text(_get(reason, "method", "text"))
         if citation:
             lines += [f"Source: {_md(citation)}", ""]
-    elif task.get("description"):
+    elif _text(task.get("description")):
         lines += [_md(task["description"]), ""]
     if latest is not None:
         lines += [f"The latest screening{_on(_effective(latest))} found: {_md(_display(latest) or 'no outcome')}.", ""]
@@ -356,7 +366,7 @@ def _is(reference: str | None, types: tuple[str, ...]) -> bool:
 
 
 def _on(when: str | None) -> str:
-    return f" of {when[:10]}" if isinstance(when, str) and len(when) >= 10 else ""
+    return f" of {when[:10]}" if isinstance(when, str) and DATE.match(when) else ""  # a date, or nothing
 
 
 def _effective(observation: dict) -> str | None:
@@ -364,7 +374,7 @@ def _effective(observation: dict) -> str | None:
 
 
 def _display(observation: dict) -> str | None:
-    return observation.get("valueCodeableConcept", {}).get("text")
+    return _text(_get(observation, "valueCodeableConcept", "text")) or None
 
 
 def _value_code(observation: dict) -> str | None:
@@ -372,7 +382,7 @@ def _value_code(observation: dict) -> str | None:
 
 
 def _display_code(observation: dict) -> str:
-    return observation.get("code", {}).get("text") or result_code(observation) or "result"
+    return _text(_get(observation, "code", "text")) or result_code(observation) or "result"
 
 
 def _bullets(items: list[str]) -> list[str]:
@@ -381,4 +391,20 @@ def _bullets(items: list[str]) -> list[str]:
 
 def _md(text: str) -> str:
     """Text from a stored resource, escaped so it cannot become markdown links, images or HTML."""
-    return MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+    plain = AUTOLINK.sub(lambda m: m[1] + WORD_JOINER, " ".join(_text(text).split()))
+    return LINE_START.sub(lambda m: m[1][:-1] + "\\" + m[1][-1], MARKDOWN_SPECIAL.sub(r"\\\1", plain))
+
+
+def _get(resource: dict, element: str, key: str) -> object:
+    value = resource.get(element)
+    return value.get(key) if isinstance(value, dict) else None
+
+
+def _dicts(value: object) -> list[dict]:
+    """The objects in a list from stored data (anything else in it, or no list, gives none)."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _text(value: object) -> str:
+    """A string from stored data, or nothing: a prefetched resource is checked, not trusted."""
+    return value if isinstance(value, str) else ""

@@ -12,6 +12,7 @@ import asyncio
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import anyio
@@ -19,6 +20,7 @@ import anyio.to_thread
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from plugin.screening.outcome import InvalidInput, Issue, invalid
 from plugin.screening.parsing import is_xml, parse_body
@@ -85,7 +87,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 ON_LOOP_BYTES = 16 * 1024  # smaller JSON parses in well under a millisecond: a hop elsewhere would cost more
 PARSING_AT_ONCE = 2  # the machine's cores: more parses at once would only share them
 XML_BUDGET_SECONDS = 10.0  # queue and parse; the limits keep a parse near 0.5 s: past this, refused (413)
-_xml_pool: ProcessPoolExecutor | None = None
+_xml_pool: ProcessPoolExecutor | None = None  # kept for the process's life (every app in it shares it)
+_xml_pool_owner = 0
 
 
 async def read_resource(request: Request, limit: int) -> Any:
@@ -106,6 +109,10 @@ async def read_resource(request: Request, limit: int) -> Any:
             parsed, issues, status = await asyncio.wait_for(work, XML_BUDGET_SECONDS)
         except TimeoutError:
             raise invalid("too-costly", "The XML took too long to read.", status=413) from None
+        except BrokenProcessPool:  # a worker died (killed, out of memory): start afresh for the next request
+            global _xml_pool
+            _xml_pool = None
+            raise invalid("transient", "The XML could not be read just now; send it again.", status=503) from None
         if issues:
             raise InvalidInput(issues, status)
         return parsed
@@ -115,12 +122,21 @@ async def read_resource(request: Request, limit: int) -> Any:
 
 
 def _xml_parsers() -> ProcessPoolExecutor:
-    """The worker processes for XML (started on first use; spawned, as the service runs threads)."""
-    global _xml_pool
-    if _xml_pool is None:
+    """The worker processes for XML (spawned, as the service runs threads; stopped when the process exits)."""
+    global _xml_pool, _xml_pool_owner
+    if _xml_pool is None or _xml_pool_owner != os.getpid():  # one per process, never one inherited by a fork
         _xml_pool = ProcessPoolExecutor(PARSING_AT_ONCE, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=warm_up)
+        _xml_pool_owner = os.getpid()
     return _xml_pool
+
+
+def start_xml_workers() -> None:
+    """Starts the XML workers ahead of need (at service start-up): a spawned worker takes a second or two to
+    import the models, which the first XML request should not wait for."""
+    pool = _xml_parsers()
+    for _ in range(PARSING_AT_ONCE):
+        pool.submit(int)
 
 
 def parse_in_worker(body: bytes, content_type: str | None, limit: int) -> tuple[Any, list[Issue], int]:
@@ -133,9 +149,14 @@ def parse_in_worker(body: bytes, content_type: str | None, limit: int) -> tuple[
 
 def warm_up() -> None:
     """Lowers the worker's CPU priority (the service's own process answers first when cores are
-    scarce) and imports the R4B models once, so the first XML body does not pay for it."""
+    scarce) and imports the R4B models once, so the first XML request does not pay for it."""
     os.nice(10)
-    import fhir.resources.R4B  # noqa: F401
+    from plugin.screening import data
+
+    for resource_type in ("Questionnaire", "CodeSystem"):  # imports every model class a big answer uses
+        for resource in data.definitions(resource_type):
+            to_xml(resource)
+    to_xml({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid"}]})
 
 
 def too_large(limit: int) -> Exception:
@@ -143,8 +164,36 @@ def too_large(limit: int) -> Exception:
 
 
 def reply(resource: dict, fmt: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    body = to_xml(resource) if fmt == XML else orjson.dumps(resource)
-    return Response(body, status_code=status, headers=headers, media_type=f"{fmt}; charset=utf-8")
+    if fmt == XML:
+        return XmlReply(resource, status, headers)
+    return Response(orjson.dumps(resource), status_code=status, headers=headers, media_type=f"{JSON}; charset=utf-8")
+
+
+class XmlReply(Response):
+    """A FHIR XML answer, written in an XML worker process when it is sent: fhir.resources takes 0.2 s and
+    more for a big resource (the Questionnaires), which the event loop must not wait for."""
+
+    def __init__(self, resource: dict, status: int, headers: dict[str, str] | None) -> None:
+        self.resource = resource
+        super().__init__(b"", status_code=status, headers=headers, media_type=f"{XML}; charset=utf-8")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        work = asyncio.get_running_loop().run_in_executor(_xml_parsers(), xml_in_worker, self.resource)
+        body, issues, status = await work
+        if issues:
+            raise InvalidInput(issues, status)
+        self.body = body
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        self.raw_headers.append((b"content-length", str(len(body)).encode()))
+        await super().__call__(scope, receive, send)
+
+
+def xml_in_worker(resource: dict) -> tuple[bytes, list[Issue], int]:
+    """`to_xml` in a worker process (its refusal comes back as a value)."""
+    try:
+        return to_xml(resource), [], 200
+    except InvalidInput as error:
+        return b"", error.issues, error.status
 
 
 def to_xml(resource: dict) -> bytes:

@@ -241,6 +241,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from plugin.settings import SERVICE_SETTINGS
+    from plugin.web import slow_clients
 
     flags = {"host": args.host, "port": args.port, "workers": args.workers, "store_path": args.store,
              "fhir_base_url": args.fhir_base_url, "strategy": args.strategy}
@@ -258,8 +259,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     where = service.fhir_base_url or f"the embedded store {service.store_path}"
     print(f"backpain-screen: serving on http://{service.host}:{service.port}, writing to {where}", file=sys.stderr)
     uvicorn.run("plugin.app:from_environment", factory=True, host=service.host, port=service.port,
-                workers=service.workers, loop="uvloop", http="httptools", log_level=service.log_level,
-                access_log=False, proxy_headers=True, server_header=False)
+                workers=service.workers, loop="uvloop", http=slow_clients.HeaderDeadline,
+                log_level=service.log_level, access_log=False, proxy_headers=True, server_header=False,
+                timeout_keep_alive=slow_clients.KEEP_ALIVE_SECONDS, limit_concurrency=slow_clients.MAX_CONNECTIONS)
     return 0
 
 

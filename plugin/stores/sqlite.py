@@ -66,6 +66,11 @@ UNAVAILABLE = {sqlite3.SQLITE_FULL: "the disk is full", sqlite3.SQLITE_READONLY:
                sqlite3.SQLITE_IOERR: "a disk I/O error", sqlite3.SQLITE_PERM: "access was denied"}
 
 
+def _identity(path: Path) -> tuple[int, int]:
+    found = path.stat()
+    return found.st_dev, found.st_ino
+
+
 class SqliteStore:
     def __init__(self, path: str | Path, *, busy_timeout: float = BUSY_TIMEOUT) -> None:
         self.path = Path(path).expanduser().resolve()
@@ -75,6 +80,7 @@ class SqliteStore:
         self._owner = 0  # the process that made the worker and connection (they must not cross a fork)
         self._worker: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None  # touched only on the worker thread
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file first opened
 
     async def __aenter__(self) -> SqliteStore:
         await self._call(lambda conn: None)  # opens it, so a bad path fails here
@@ -143,6 +149,8 @@ class SqliteStore:
 
     def _guarded(self, work: Callable[[sqlite3.Connection], T]) -> T:
         try:
+            if self._identity is not None:  # once opened, only that file: never a new one made in its place
+                self._same_file()
             return work(self._conn or self._connect())
         except sqlite3.Error as error:
             raise self._unavailable(error) from None
@@ -162,7 +170,27 @@ class SqliteStore:
             conn.close()
             raise
         self._conn = conn
+        self._identity = self._identity or _identity(self.path)
         return conn
+
+    def _same_file(self) -> None:
+        """The file this store opened is still the one at its path. SQLite keeps writing to a file deleted or
+        replaced under it (an unlinked inode, lost at close): every answer after that would be a lie."""
+        try:
+            current = _identity(self.path)
+        except FileNotFoundError:
+            current = None
+        if current != self._identity:
+            self._disconnect()
+            raise refused(503, "transient", f"The embedded store's file {self.path} was deleted or replaced "
+                                            "while in use; restart the service to open it again.")
+
+    async def check_writable(self) -> None:
+        """For readiness: the file is the one opened and can be written (a disk remounted read-only cannot)."""
+        def check(conn: sqlite3.Connection) -> None:
+            if not os.access(self.path, os.W_OK) or not os.access(self.path.parent, os.W_OK):
+                raise refused(503, "transient", f"{self.path} is unavailable: the database file is read-only.")
+        await self._call(check)
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")  # two processes opening a new file: one creates, the other waits

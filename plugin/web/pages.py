@@ -34,7 +34,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from plugin.fhir import formats
 from plugin.fhir.client import FhirError
 from plugin.observability import event
-from plugin.screening import data
+from plugin.screening import data, references
 from plugin.screening.identity import token
 from plugin.screening.outcome import InvalidInput, Issue, invalid
 from plugin.settings import ServiceSettings
@@ -148,8 +148,10 @@ def _viewer(values: dict[str, str], settings: ServiceSettings) -> Viewer:
     signed = bool(patient) and same(values.get("sig"), signature(patient or "", secret or "", clinician=clinician))
     if secret and (patient or clinician) and not signed:
         raise refused(403)
-    if patient and not patient.startswith("Patient/"):
-        raise invalid("value", "The link names no patient this form can be saved for.")
+    # The rule every response meets, in its relative form (what the link is signed over and saved under),
+    # refused when the form is opened rather than after the patient filled it in.
+    if patient and references.patient_reference(patient) != patient:
+        raise invalid("value", "The link names no patient this form can be saved for (it needs Patient/{id}).")
     return Viewer(patient, clinician, values.get("sig", "") if patient else "")
 
 

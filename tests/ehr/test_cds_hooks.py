@@ -648,4 +648,4 @@ def test_every_summary_is_under_140_characters_and_markdown_is_escaped():
     assert len(cds_cards.INDETERMINATE_SUMMARY) < 140
     assert len(cds_cards.shorten("x" * 300)) < 140
     assert cds_cards._md("[click](https://evil) <img> *bold*") == \
-        "\\[click\\](https://evil) \\<img\\> \\*bold\\*"
+        "\\[click\\]\\(https\u2060://evil\\) \\<img\\> \\*bold\\*"

@@ -116,3 +116,10 @@ def test_a_subject_on_the_configured_fhir_base_is_accepted_and_filed_relative(tm
     outcome = Screener(Settings(fhir_base=base)).process(response({}) | {"subject": {"reference": f"{base}/Patient/V"}})
     response_entry = outcome.bundle["entry"][1]["resource"]
     assert response_entry["subject"]["reference"] == "Patient/V"
+
+
+@pytest.mark.parametrize("reference", [r for r in LOOK_ALIKES if r.strip() == r and r])  # a link is trimmed
+def test_a_form_link_naming_a_look_alike_is_refused_before_the_patient_fills_it_in(client, reference):
+    """Refused when the form opens, so a patient never fills in a form whose answers could not be saved."""
+    answer = client.get("/", params={"patient": reference}, headers={"Accept": "text/html"})
+    assert answer.status_code == 400
