@@ -1,9 +1,8 @@
 """Shared fixtures. `fhir_base_url` is a real FHIR R4 server for the integration tests.
 
-With FHIR_BASE_URL set (e.g. a HAPI server), the tests run against that server.
-Otherwise the local test server in tests/fhir_server/ is installed from the npm
-registry on first use (`npm ci`, no install scripts), started on 127.0.0.1 on
-a free port, and stopped when the session ends.
+It is HAPI FHIR's JPA server (tests/hapi_server/, with its validator on), built with Maven on first use,
+started once per session on 127.0.0.1 on a free port and stopped when the session ends. With FHIR_BASE_URL
+set, the tests that can run on any server run against that one instead (see `any_server` in tests/README.md).
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import orjson
 import pytest
 
 from tests.fault_report import fault_report, pytest_terminal_summary  # noqa: F401 (a fixture and a hook)
-from tests.fhir_helpers import local_fhir_server
+from tests.hapi_helpers import hapi_server
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +23,8 @@ def fhir_base_url() -> Iterator[str]:
     if os.environ.get("FHIR_BASE_URL"):
         yield os.environ["FHIR_BASE_URL"].rstrip("/")
         return
-    with local_fhir_server() as base_url:
-        yield base_url
+    with hapi_server() as server:
+        yield server.base_url
 
 
 def fhir_client(base_url: str) -> httpx.Client:
