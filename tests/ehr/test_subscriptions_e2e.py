@@ -1,8 +1,8 @@
 """`backpain-screen subscribe` end to end, with real processes only.
 
 The session's HAPI FHIR JPA server, which delivers the rest-hook notifications
-itself, and `backpain-screen serve` writing to it, with a notification secret. `publish`, `subscribe` and `sync` run as an
-operator runs them, through the CLI. Responses are written straight to the
+itself, and `backpain-screen serve` writing to it, with a notification secret.
+`publish`, `subscribe` and `sync` run as an operator runs them, through the CLI. Responses are written straight to the
 FHIR server, as an EHR or a portal would, and the tests wait for the results
 the server's rest-hook notification makes the plugin write there.
 """
