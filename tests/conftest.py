@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import httpx
 import orjson
 import pytest
 
 from tests.fault_report import fault_report, pytest_terminal_summary  # noqa: F401 (a fixture and a hook)
+from tests.fhir_helpers import free_port
 from tests.hapi_helpers import hapi_server
 
 
@@ -25,6 +27,21 @@ def fhir_base_url() -> Iterator[str]:
         return
     with hapi_server() as server:
         yield server.base_url
+
+
+@dataclass(frozen=True)
+class SmartHapi:
+    base_url: str
+    issuer_port: int  # the test OAuth server must listen here (tests/smart_helpers.py: authorization_server)
+
+
+@pytest.fixture(scope="session")
+def smart_hapi() -> Iterator[SmartHapi]:
+    """A second HAPI, behind SMART Backend Services: only tokens of the OAuth server on `issuer_port` (which
+    each SMART test module starts with its own clients; HAPI reads its keys when it first needs them)."""
+    issuer_port = free_port()
+    with hapi_server(AUTH_ISSUER=f"http://127.0.0.1:{issuer_port}") as server:
+        yield SmartHapi(server.base_url, issuer_port)
 
 
 def fhir_client(base_url: str) -> httpx.Client:

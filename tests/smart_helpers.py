@@ -35,9 +35,11 @@ class AuthServer:
 
 
 @contextmanager
-def authorization_server(audience: str, clients: list[dict], ttl: int = 300) -> Iterator[AuthServer]:
+def authorization_server(audience: str, clients: list[dict], ttl: int = 300, port: int = 0) -> Iterator[AuthServer]:
+    """`port`: the one the SMART HAPI (conftest's `smart_hapi`) names as its issuer; 0 for any."""
     npm_install(OAUTH_DIR)
-    env = {"AUDIENCE": audience, "TOKEN_TTL": str(ttl), "CONFIG": json.dumps({"clients": clients})}
+    env = {"AUDIENCE": audience, "TOKEN_TTL": str(ttl), "CONFIG": json.dumps({"clients": clients}),
+           "PORT": str(port)}
     with node_server(OAUTH_DIR, env, "/.well-known/openid-configuration", "authorization server",
                      quiet=True) as issuer:
         yield AuthServer(issuer)

@@ -90,7 +90,8 @@ def given_identifier(qr: dict) -> dict | None:
 
 def own_identifier(qr: dict) -> dict:
     """The identifier a response without one (and without an id) is written under: made from its content."""
-    content = {k: v for k, v in qr.items() if k not in ("id", "meta", "text", "status")}
+    # An empty list is the element's absence (FHIR JSON allows no empty arrays; the copy written drops them).
+    content = {k: v for k, v in qr.items() if k not in ("id", "meta", "text", "status") and v != []}
     digest = hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()
     return {"system": systems.SID_QR, "value": uuid5(f"content:{digest}")}
 
@@ -196,8 +197,9 @@ class BundleBuilder:
         return [uuid5(f"{key}|task|{t.id}") for t in self.rule_set.tasks]
 
     def _response_entry(self, qr: dict, key: str) -> tuple[dict, dict]:
-        resource = dict(qr)
-        resource.pop("text", None)  # the caller's narrative is not ours to vouch for: the server regenerates it
+        # The caller's narrative is not ours to vouch for (the server regenerates it); an empty list (`"item": []`
+        # of an empty response) is written as the element's absence, which HAPI's validator insists on.
+        resource = {k: v for k, v in qr.items() if k != "text" and v != []}
         if qr.get("id"):
             url = f"QuestionnaireResponse/{qr['id']}"
             entry = _entry(uuid5(f"qr|{key}"), resource, {"method": "PUT", "url": url})

@@ -43,8 +43,10 @@ final class SmartAuthInterceptor {
 				JWSAlgorithm.PS256);
 		tokens.setJWSKeySelector(new JWSVerificationKeySelector<>(algorithms, keys));
 		tokens.setJWSTypeVerifier(new DefaultJOSEObjectTypeVerifier<>(new JOSEObjectType("at+jwt"), JOSEObjectType.JWT, null));
-		tokens.setJWTClaimsSetVerifier(new DefaultJWTClaimsVerifier<>(
-				new JWTClaimsSet.Builder().issuer(issuer.issuer()).build(), Set.of("exp", "scope")));
+		var claims = new DefaultJWTClaimsVerifier<SecurityContext>(
+				new JWTClaimsSet.Builder().issuer(issuer.issuer()).build(), Set.of("exp", "scope"));
+		claims.setMaxClockSkew(1); // one machine: an expired token is refused at once (Nimbus allows 60 s)
+		tokens.setJWTClaimsSetVerifier(claims);
 	}
 
 	static Optional<SmartAuthInterceptor> fromEnvironment() {
@@ -79,8 +81,12 @@ final class SmartAuthInterceptor {
 				throw refused(request, "The access token is not for this server (aud)");
 			}
 			return claims;
-		} catch (java.text.ParseException | com.nimbusds.jose.proc.BadJOSEException | com.nimbusds.jose.JOSEException e) {
-			throw refused(request, "The access token was refused: " + e.getMessage());
+		} catch (java.text.ParseException e) {
+			throw refused(request, "The access token was refused: it is not a JWT");
+		} catch (com.nimbusds.jose.proc.BadJOSEException | com.nimbusds.jose.JOSEException e) {
+			String why = String.valueOf(e.getMessage()).contains("no matching key")
+					? "it was not signed by a key of the trusted issuer" : e.getMessage();
+			throw refused(request, "The access token was refused: " + why);
 		}
 	}
 
