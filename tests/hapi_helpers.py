@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 from tests.fhir_helpers import ROOT, free_port, wait_until_ready
+from tests.prerequisites import program
 
 HAPI_DIR = Path(__file__).resolve().parent / "hapi_server"
 JAR = HAPI_DIR / "target" / "hapi-test-server.jar"
@@ -36,9 +36,8 @@ def build_hapi() -> None:
     """`mvn -q -B package -DskipTests` unless the jar is newer than its sources."""
     if not _stale():
         return
-    for tool, package in (("java", "openjdk-17-jdk-headless"), ("mvn", "maven")):
-        if not shutil.which(tool):
-            raise RuntimeError(f"The HAPI FHIR test server needs {tool}: install it (apt-get install {package}).")
+    program("java", "openjdk-17-jdk-headless")
+    program("mvn", "maven")
     subprocess.run(["mvn", "-q", "-B", "package", "-DskipTests"], cwd=HAPI_DIR, check=True, timeout=1800)
 
 
