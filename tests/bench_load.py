@@ -32,8 +32,9 @@ from typing import Any
 import httpx
 import orjson
 
-from tests.fault_processes import FhirServer, rss_kib, serving
+from tests.fault_processes import rss_kib, serving
 from tests.fhir_helpers import EXAMPLES, ROOT
+from tests.hapi_helpers import HapiServer
 
 NAMES = ["qr-refer-asas.json", "qr-no-referral.json", "qr-not-applicable.json", "qr-emergency.json",
          "qr-urgent.json", "qr-indeterminate.json", "qr-nice-test-hla-b27.json"]
@@ -156,14 +157,14 @@ def embedded(home: Path, args: argparse.Namespace) -> dict:
 
 def fhir(home: Path, args: argparse.Namespace) -> dict:
     (home / "fhir").mkdir()
-    server = FhirServer(home / "fhir" / "data.ndjson", persist=False)
+    server = HapiServer()  # in memory
     server.start()
     try:
         with httpx.Client(base_url=server.base_url, timeout=30) as client:
             patients = [f"Patient/{client.post('/Patient', json={'resourceType': 'Patient'}).json()['id']}"
                         for _ in range(50)]
         with serving(home / "fhir" / "serve", "--fhir-base-url", server.base_url) as service:
-            result = load("test FHIR server", service.process.pid, f"{service.base_url}/QuestionnaireResponse",
+            result = load("HAPI FHIR JPA server", service.process.pid, f"{service.base_url}/QuestionnaireResponse",
                           patients, args)
         result["fhir_server_rss_mib_end"] = mib(rss_kib(server.process.pid)) if server.process else None
         return result
