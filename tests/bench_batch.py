@@ -12,7 +12,7 @@ turn over the same responses; the throughput ratio of the last to the first
 and the load average around each run (the machine is shared) are printed.
 
 With --upload N, N example responses (fresh ids, 20 patients) are written
-with `batch --upload` to the local test FHIR server and to the embedded
+with `batch --upload` to a HAPI FHIR JPA server and to the embedded
 store, with several --workers/--concurrency settings (new responses each
 run), and once more unchanged: where uploading spends its time.
 """

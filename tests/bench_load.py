@@ -1,11 +1,11 @@
-"""Sustained load on `serve`: minutes of ingest, with the embedded store and with the test FHIR server.
+"""Sustained load on `serve`: minutes of ingest, with the embedded store and with a HAPI FHIR JPA server.
 
 Run from the repository root (not collected by pytest):
 
     python -m tests.bench_load [--minutes 3] [--concurrency 4] [--rate 0] [--only embedded|fhir]
 
 For each store in turn it starts `backpain-screen serve` (one worker) on 127.0.0.1 (the FHIR store: the
-local test FHIR server, in memory, in front), then a load generator in its own process POSTs distinct
+a HAPI FHIR JPA server, in memory, in front), then a load generator in its own process POSTs distinct
 completed responses to `POST /QuestionnaireResponse` (every outcome in turn, each a new id and so a real
 write) from `--concurrency` keep-alive connections, at most `--rate` per second if given, for
 `--minutes`. Every 5 s the resident memory (VmRSS, /proc) of the serve process is sampled.

@@ -20,6 +20,20 @@ from tests.fhir_helpers import free_port
 from tests.hapi_helpers import hapi_server
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "any_server: runs on any FHIR R4 server, the one FHIR_BASE_URL names")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With FHIR_BASE_URL set, only the `any_server` suite runs (on that server): the others need the local
+    HAPI's own settings (validation, Subscriptions delivered here, SMART, a server to kill)."""
+    if not os.environ.get("FHIR_BASE_URL"):
+        return
+    kept = [item for item in items if item.get_closest_marker("any_server")]
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    items[:] = kept
+
+
 @pytest.fixture(scope="session")
 def fhir_base_url() -> Iterator[str]:
     if os.environ.get("FHIR_BASE_URL"):

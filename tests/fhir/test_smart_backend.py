@@ -2,8 +2,9 @@
 
 The authorization server is npm `oidc-provider` (tests/oauth_server/): client_credentials with private_key_jwt
 client assertions, resource indicators so that access tokens are JWTs for the FHIR server's audience. The FHIR
-server is the local test server in its auth mode (AUTH_ISSUER): it serves `.well-known/smart-configuration`,
-refuses a request without a valid token of that issuer (401) and one whose scopes do not cover it (403).
+server is HAPI behind SMART Backend Services (conftest's `smart_hapi`, tests/README.md): it serves
+`.well-known/smart-configuration`, refuses a request without a valid token of that issuer (401) and one whose
+scopes do not cover it (403).
 The server validating the plugin's client assertion is the main proof that its claims are right.
 """
 
