@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
@@ -17,11 +18,47 @@ import pytest
 
 from tests.fault_report import fault_report, pytest_terminal_summary  # noqa: F401 (a fixture and a hook)
 from tests.fhir_helpers import free_port
-from tests.hapi_helpers import hapi_server
+from tests.hapi_helpers import HapiServer, hapi_server
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "any_server: runs on any FHIR R4 server, the one FHIR_BASE_URL names")
+
+
+_early: dict[str, HapiServer] = {}
+_issuer_port: dict[str, int] = {}  # the port the SMART HAPI names as its issuer's
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Launches the HAPI servers the selected tests need right away: each takes half a minute or more to start,
+    which the unit tests that run first then hide. The fixtures below wait for them and stop them."""
+    if os.environ.get("FHIR_BASE_URL"):
+        return
+    needed = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    if "fhir_base_url" in needed:
+        _early["session"] = HapiServer()
+        _early["session"].launch()
+    if "smart_hapi" in needed:
+        _issuer_port["smart"] = free_port()
+        _early["smart"] = HapiServer(AUTH_ISSUER=f"http://127.0.0.1:{_issuer_port['smart']}")
+        _early["smart"].launch()
+
+
+def pytest_sessionfinish() -> None:
+    for server in _early.values():
+        server.stop()
+
+
+@contextmanager
+def _running(key: str, **env: str) -> Iterator[HapiServer]:
+    """The server launched early under `key`, once it answers; else one started now."""
+    server = _early.get(key)
+    if server is None:
+        with hapi_server(**env) as started:
+            yield started
+        return
+    server.wait_ready()
+    yield server  # stopped at the end of the session
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -39,7 +76,7 @@ def fhir_base_url() -> Iterator[str]:
     if os.environ.get("FHIR_BASE_URL"):
         yield os.environ["FHIR_BASE_URL"].rstrip("/")
         return
-    with hapi_server() as server:
+    with _running("session") as server:
         yield server.base_url
 
 
@@ -53,9 +90,9 @@ class SmartHapi:
 def smart_hapi() -> Iterator[SmartHapi]:
     """A second HAPI, behind SMART Backend Services: only tokens of the OAuth server on `issuer_port` (which
     each SMART test module starts with its own clients; HAPI reads its keys when it first needs them)."""
-    issuer_port = free_port()
-    with hapi_server(AUTH_ISSUER=f"http://127.0.0.1:{issuer_port}") as server:
-        yield SmartHapi(server.base_url, issuer_port)
+    port = _issuer_port.get("smart") or free_port()
+    with _running("smart", AUTH_ISSUER=f"http://127.0.0.1:{port}") as server:
+        yield SmartHapi(server.base_url, port)
 
 
 def fhir_client(base_url: str) -> httpx.Client:

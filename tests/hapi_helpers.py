@@ -61,7 +61,8 @@ class HapiServer:
                 "org.backpainscreen.hapi.HapiTestServer", f"--server.port={self.port}",
                 f"--spring.datasource.url={url}"]
 
-    def start(self) -> None:
+    def launch(self) -> None:
+        """Starts the process and returns at once (the session starts HAPI while the unit tests run)."""
         sink = self.log.open("ab") if self.log else subprocess.DEVNULL
         try:
             self.process = subprocess.Popen(self.command(), cwd=HAPI_DIR, env={**os.environ, **self.env},
@@ -69,8 +70,15 @@ class HapiServer:
         finally:
             if self.log:
                 sink.close()
+
+    def wait_ready(self) -> None:
+        assert self.process, "launch() first"
         said = self.log.read_text if self.log else (lambda: "(see tests/hapi_server; start it by hand to see its log)")
         wait_until_ready(f"{self.base_url}/metadata", self.process, START_TIMEOUT, said)
+
+    def start(self) -> None:
+        self.launch()
+        self.wait_ready()
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.process and self.process.poll() is None:

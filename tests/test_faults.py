@@ -215,8 +215,10 @@ def test_sync_killed_midway_then_rerun_completes_without_duplicates(tmp_path: Pa
             return total(fhir, "Observation", subject=",".join(patients)) // 7
 
         # in the second page: the first page's watermark saved, transactions of the second in flight
-        assert wait_for(lambda: state.exists() and written() >= n * 5 // 8, timeout=120, every=0.05)
-        kill_group(first)  # SIGKILL, holding the lock
+        try:  # HAPI validates each transaction: a page takes a minute or two on a busy 2-core machine
+            assert wait_for(lambda: state.exists() and written() >= n * 5 // 8, timeout=400, every=0.05)
+        finally:
+            kill_group(first)  # SIGKILL, holding the lock
         at_kill = on_server(server.base_url).verdict(bodies)
     started = time.monotonic()
     rerun = sync(server.base_url, tmp_path)

@@ -22,6 +22,7 @@ every example response. A write HAPI's validator refuses fails here with HAPI's 
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import subprocess
 import uuid
@@ -33,7 +34,9 @@ import pytest
 import yaml
 
 from plugin.ehr.subscribe import subscription
+from plugin.fhir.client import FhirClient
 from plugin.screening.pipeline import Screener, Settings
+from plugin.stores.writeback import submit
 from tests.factory import BASDAI, SCREENING, response
 from tests.fhir_helpers import CLI, EXAMPLES, ROOT, for_patient, total
 from tests.stores.test_writeback import amend
@@ -94,12 +97,18 @@ def test_the_result_bundle_of_each_clinical_case_is_accepted(fhir: httpx.Client,
 
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("qr-*.json")))
 def test_each_example_is_submitted_replayed_amended_and_retracted(fhir_base_url: str, patient: str, name: str):
-    """`submit` of each example, then its replay, an amended version and entered-in-error: conditional creates,
-    updates with If-Match and Task cancellations, each a transaction HAPI validates."""
+    """The write-back `submit`, `serve` and `sync` share, on each example, its replay, an amended version and
+    entered-in-error: conditional creates, updates with If-Match and Task cancellations, each a transaction
+    HAPI validates."""
     body = for_patient(name, patient)
-    for version in (body, body, amend(body, "amended"), amend(body, "entered-in-error")):
-        done = cli("submit", "-", fhir_base_url=fhir_base_url, stdin=version)
-        assert done.returncode == 0, done.stderr
+    versions = [body, body, amend(body, "amended"), amend(body, "entered-in-error")]
+
+    async def run() -> None:
+        async with FhirClient(fhir_base_url) as client:
+            for version in versions:  # a refusal raises FhirError with HAPI's OperationOutcome
+                await submit(client, SCREENERS["asas-2015"], orjson.loads(version))
+
+    asyncio.run(run())
 
 
 def test_the_reads_and_searches_the_plugin_makes(fhir: httpx.Client, fhir_base_url: str, patient: str):
