@@ -12,7 +12,7 @@ turn over the same responses; the throughput ratio of the last to the first
 and the load average around each run (the machine is shared) are printed.
 
 With --upload N, N example responses (fresh ids, 20 patients) are written
-with `batch --upload` to the local test FHIR server and to the embedded
+with `batch --upload` to a HAPI FHIR JPA server and to the embedded
 store, with several --workers/--concurrency settings (new responses each
 run), and once more unchanged: where uploading spends its time.
 """
@@ -116,7 +116,8 @@ def upload_runs(n: int) -> None:
     import httpx
     import orjson
 
-    from tests.fhir_helpers import CLI, EXAMPLES, ROOT, local_fhir_server
+    from tests.fhir_helpers import CLI, EXAMPLES, ROOT
+    from tests.hapi_helpers import hapi_server
 
     names = [p.name for p in sorted(EXAMPLES.glob("qr-*.json")) if "in-progress" not in p.name]
 
@@ -141,8 +142,8 @@ def upload_runs(n: int) -> None:
 
     print(f"| {n:,} responses | seconds | responses/s (incl. start-up) | batch CPU s (incl. workers) | summary "
           "| load |\n|---|---:|---:|---:|---|---:|")
-    with tempfile.TemporaryDirectory() as tmp, local_fhir_server() as base_url:
-        work = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp, hapi_server() as hapi:
+        work, base_url = Path(tmp), hapi.base_url
         body = orjson.dumps({"resourceType": "Patient", "active": True})
         with httpx.Client(base_url=base_url, headers={"Content-Type": "application/fhir+json"}) as fhir:
             patients = [f"Patient/{fhir.post('/Patient', content=body).json()['id']}" for _ in range(20)]

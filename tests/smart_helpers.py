@@ -18,9 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from plugin.fhir.smart_auth import SigningKey, load_signing_key, public_jwks
-from tests.fhir_helpers import node_server, npm_install
-
-OAUTH_DIR = Path(__file__).resolve().parent / "oauth_server"
+from tests.fhir_helpers import OAUTH_DIR, node_server
 
 
 @dataclass(frozen=True)
@@ -35,9 +33,10 @@ class AuthServer:
 
 
 @contextmanager
-def authorization_server(audience: str, clients: list[dict], ttl: int = 300) -> Iterator[AuthServer]:
-    npm_install(OAUTH_DIR)
-    env = {"AUDIENCE": audience, "TOKEN_TTL": str(ttl), "CONFIG": json.dumps({"clients": clients})}
+def authorization_server(audience: str, clients: list[dict], ttl: int = 300, port: int = 0) -> Iterator[AuthServer]:
+    """`port`: the one the SMART HAPI (conftest's `smart_hapi`) names as its issuer; 0 for any."""
+    env = {"AUDIENCE": audience, "TOKEN_TTL": str(ttl), "CONFIG": json.dumps({"clients": clients}),
+           "PORT": str(port)}
     with node_server(OAUTH_DIR, env, "/.well-known/openid-configuration", "authorization server",
                      quiet=True) as issuer:
         yield AuthServer(issuer)

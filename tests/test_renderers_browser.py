@@ -28,7 +28,6 @@ import concurrent.futures
 import functools
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -46,6 +45,7 @@ from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, Route, e
 
 from plugin.stores.sqlite import SqliteStore
 from tests.fhir_helpers import ROOT, free_port, npm_install, stop, wait_until_ready
+from tests.prerequisites import program
 
 RENDERERS = Path(__file__).resolve().parent / "renderers"
 SMART_FORMS = RENDERERS / "smart-forms"
@@ -230,9 +230,7 @@ def plugin(pages: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plu
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    executable = shutil.which("chromium")
-    if executable is None:
-        pytest.fail("Chromium is not installed: apt-get install -y chromium")
+    executable = program("chromium", "chromium")  # Debian's, installed on first use
     with sync_playwright() as driver:
         # Chromium's sandbox cannot start as root (CI containers); the pages are the test's own.
         browser = driver.chromium.launch(executable_path=executable, headless=True,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -394,7 +395,9 @@ async def _record(store: Store, item: dict, author: str) -> int:
         updated = with_feedback(task, item, author, instant(datetime.now(UTC)))
         if updated is None:
             return 0  # this feedback is already on the Task
-        entry = {"resource": updated, "request": {"method": "PUT", "url": f"Task/{task['id']}"}}
+        # HAPI's validator refuses a transaction entry without a fullUrl (its references have no base otherwise).
+        entry = {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": updated,
+                 "request": {"method": "PUT", "url": f"Task/{task['id']}"}}
         version = task.get("meta", {}).get("versionId")
         if version:
             entry["request"]["ifMatch"] = f'W/"{version}"'

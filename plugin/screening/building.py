@@ -125,8 +125,9 @@ class BundleBuilder:
         return [uuid5(f"{key}|task|{t.id}") for t in self.rule_set.tasks]
 
     def _response_entry(self, qr: dict, key: str) -> tuple[dict, dict]:
-        resource = dict(qr)
-        resource.pop("text", None)  # the caller's narrative is not ours to vouch for: the server regenerates it
+        # The caller's narrative is not ours to vouch for (the server regenerates it); an empty list (`"item": []`
+        # of an empty response) is written as the element's absence, which HAPI's validator insists on.
+        resource = {k: v for k, v in qr.items() if k != "text" and v != []}
         if qr.get("id"):
             url = f"QuestionnaireResponse/{qr['id']}"
             entry = _entry(uuid5(f"qr|{key}"), resource, {"method": "PUT", "url": url})

@@ -49,7 +49,8 @@ def given_identifier(qr: dict) -> dict | None:
 
 def own_identifier(qr: dict) -> dict:
     """The identifier a response without one (and without an id) is written under: made from its content."""
-    content = {k: v for k, v in qr.items() if k not in ("id", "meta", "text", "status")}
+    # An empty list is the element's absence (FHIR JSON allows no empty arrays; the copy written drops them).
+    content = {k: v for k, v in qr.items() if k not in ("id", "meta", "text", "status") and v != []}
     digest = hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()
     return {"system": systems.SID_QR, "value": uuid5(f"content:{digest}")}
 

@@ -23,8 +23,9 @@ import pytest
 
 from plugin.fhir.smart_auth import load_signing_key
 from plugin.settings import DEFAULT_SMART_SCOPES
+from tests.conftest import SmartHapi
 from tests.fhir.test_smart_backend import token_for
-from tests.fhir_helpers import CLI, ROOT, for_patient, free_port, local_fhir_server, stop, wait_until_ready
+from tests.fhir_helpers import CLI, ROOT, for_patient, free_port, stop, wait_until_ready
 from tests.smart_helpers import AuthServer, authorization_server, backend_client, rsa_key
 
 LAUNCH_CLIENT = "results-app"
@@ -60,7 +61,7 @@ class Launching:
 
 
 @pytest.fixture(scope="module")
-def launching(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launching]:
+def launching(tmp_path_factory: pytest.TempPathFactory, smart_hapi: SmartHapi) -> Iterator[Launching]:
     home = tmp_path_factory.mktemp("launch")
     key_file = rsa_key(home, "plugin")
     key = load_signing_key(key_file)
@@ -73,15 +74,14 @@ def launching(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launching]:
          "response_types": ["code"], "redirect_uris": [f"{plugin}/launch/callback"],
          "scope": "patient/Observation.rs patient/Task.rs patient/QuestionnaireResponse.rs"},
     ]
-    fhir_url = f"http://127.0.0.1:{free_port()}"
+    fhir_url = smart_hapi.base_url
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKPAIN_", "FHIR_"))}
     env.update({"XDG_STATE_HOME": str(home / "state"), "FHIR_BASE_URL": fhir_url, "PYTHONUNBUFFERED": "1",
                 "BACKPAIN_SMART_CLIENT_ID": "plugin", "BACKPAIN_SMART_PRIVATE_KEY": str(key_file),
                 "BACKPAIN_SMART_LAUNCH_CLIENT_ID": LAUNCH_CLIENT, "BACKPAIN_INGEST_TOKEN": "ingest",
                 "BACKPAIN_SESSION_SECRET": "launch-test-secret"})
     log = home / "serve.log"
-    with authorization_server(fhir_url, clients) as auth, \
-            local_fhir_server({"PORT": fhir_url.rsplit(":", 1)[1], "AUTH_ISSUER": auth.issuer}):
+    with authorization_server(fhir_url, clients, port=smart_hapi.issuer_port) as auth:
         with log.open("wb") as sink:
             process = subprocess.Popen([*CLI, "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=sink,
                                        stderr=subprocess.STDOUT)

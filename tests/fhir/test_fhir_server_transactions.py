@@ -1,4 +1,4 @@
-"""The plugin's transaction Bundles on a real FHIR R4 server (local test server, or FHIR_BASE_URL).
+"""The plugin's transaction Bundles on a real FHIR R4 server (the session's HAPI, or FHIR_BASE_URL).
 
 Each test works on its own new Patient, so the tests also run against a
 shared server such as HAPI without cleaning it between tests.
@@ -11,9 +11,12 @@ from pathlib import Path
 
 import httpx
 import orjson
+import pytest
 
 from plugin.screening.pipeline import Screener
 from tests.fhir_helpers import total
+
+pytestmark = pytest.mark.any_server  # also on a server FHIR_BASE_URL names (README: Tests)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "questionnaires" / "examples"
 SCREENER = Screener()

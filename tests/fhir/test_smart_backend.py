@@ -2,8 +2,9 @@
 
 The authorization server is npm `oidc-provider` (tests/oauth_server/): client_credentials with private_key_jwt
 client assertions, resource indicators so that access tokens are JWTs for the FHIR server's audience. The FHIR
-server is the local test server in its auth mode (AUTH_ISSUER): it serves `.well-known/smart-configuration`,
-refuses a request without a valid token of that issuer (401) and one whose scopes do not cover it (403).
+server is HAPI behind SMART Backend Services (conftest's `smart_hapi`, tests/README.md): it serves
+`.well-known/smart-configuration`, refuses a request without a valid token of that issuer (401) and one whose
+scopes do not cover it (403).
 The server validating the plugin's client assertion is the main proof that its claims are right.
 """
 
@@ -27,7 +28,8 @@ from plugin.fhir.smart_auth import BackendServicesToken, load_signing_key, publi
 from plugin.screening.pipeline import Screener, Settings
 from plugin.settings import DEFAULT_SMART_SCOPES
 from plugin.stores.writeback import submit
-from tests.fhir_helpers import CLI, ROOT, for_patient, free_port, local_fhir_server, results, stop, tasks, total
+from tests.conftest import SmartHapi
+from tests.fhir_helpers import CLI, ROOT, for_patient, free_port, results, stop, tasks, total
 from tests.fhir_helpers import wait_until_ready as wait_ready
 from tests.smart_helpers import AuthServer, authorization_server, backend_client, ec_jwk, rsa_key
 
@@ -66,7 +68,7 @@ def token_for(fhir_url: str, client_id: str, key: Path, scopes: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def smart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+def smart(tmp_path_factory: pytest.TempPathFactory, smart_hapi: SmartHapi) -> Iterator[Setup]:
     home = tmp_path_factory.mktemp("smart")
     keys = {"rs": rsa_key(home, "rs"), "rs-next": rsa_key(home, "rs-next"), "wrong": rsa_key(home, "wrong"),
             "es": ec_jwk(home, "es", kid="es-2026")}
@@ -78,9 +80,8 @@ def smart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         backend_client("reader", [signing["rs"]], "system/*.rs"),
         backend_client("admin", [signing["rs"]], "system/*.cruds"),
     ]
-    fhir_url = f"http://127.0.0.1:{free_port()}"
-    with authorization_server(fhir_url, clients) as auth, \
-            local_fhir_server({"PORT": fhir_url.rsplit(":", 1)[1], "AUTH_ISSUER": auth.issuer}):
+    fhir_url = smart_hapi.base_url
+    with authorization_server(fhir_url, clients, port=smart_hapi.issuer_port) as auth:
         token = token_for(fhir_url, "admin", keys["rs"], "system/*.cruds")
         headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json",
                    "Authorization": f"Bearer {token}"}

@@ -1,6 +1,6 @@
 """`batch` over Bulk Data NDJSON: partitions, manifests and gzip, uploading, re-scoring after a rule change, SIGKILL.
 
-Uploads run on the embedded store and on the local test FHIR server; the
+Uploads run on the embedded store and on the session's HAPI FHIR server; the
 rule change is a copy of mappings/ with a new version and a changed
 threshold, loaded in this process (the CLI reads the shipped rules).
 """
@@ -323,7 +323,7 @@ def test_rescore_after_a_rule_change_on_a_fhir_server(tmp_path: Path, rules_b: P
     qrs = {name: response(name, patient) for name in EXAMPLE_NAMES}
     path = ndjson(tmp_path / "in.ndjson", list(qrs.values()))
     rescore_and_check(lambda: FhirClient(fhir_base_url), path, qrs, rules_b, monkeypatch,
-                      replaces_tags=not os.environ.get("FHIR_BASE_URL"))  # the local test server does
+                      replaces_tags=False)  # HAPI carries earlier tags forward
 
 
 def test_upload_reports_each_failed_line_and_exits_non_zero(tmp_path: Path, fhir_base_url: str, patient: str):

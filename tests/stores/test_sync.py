@@ -12,6 +12,8 @@ import pytest
 
 from tests.fhir_helpers import CLI, ROOT, for_patient, results, tasks, total
 
+pytestmark = pytest.mark.any_server  # also on a server FHIR_BASE_URL names (README: Tests)
+
 NAMES = ("qr-refer-asas.json", "qr-emergency.json", "qr-no-referral.json")
 
 

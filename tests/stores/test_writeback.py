@@ -11,6 +11,8 @@ import pytest
 
 from tests.fhir_helpers import CLI, ROOT, for_patient, free_port, results, tasks, total
 
+pytestmark = pytest.mark.any_server  # also on a server FHIR_BASE_URL names (README: Tests)
+
 # every example that writes results, with the outcome it must write (questionnaires/examples/README.md)
 OUTCOMES = {
     "qr-refer-asas.json": "refer-rheumatology",

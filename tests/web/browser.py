@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, Reque
 
 from plugin.stores.sqlite import SqliteStore
 from tests.fhir_helpers import free_port, npm_install, stop, wait_until_ready
+from tests.prerequisites import program
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "tests" / "screenshots"
@@ -79,10 +79,7 @@ def playwright() -> Iterator[Playwright]:
 
 @pytest.fixture(scope="module")
 def browser(playwright: Playwright) -> Iterator[Browser]:
-    executable = shutil.which("chromium")
-    if executable is None:
-        pytest.fail("Chromium is not installed, so the form page cannot be checked in a browser. "
-                    "Install the distribution's package: apt-get install -y chromium")
+    executable = program("chromium", "chromium")  # Debian's, installed on first use
     # Chromium's sandbox cannot start as root (CI containers); the pages opened are the service's own.
     args = ["--no-sandbox"] if os.geteuid() == 0 else []
     browser = playwright.chromium.launch(executable_path=executable, headless=True, args=args)

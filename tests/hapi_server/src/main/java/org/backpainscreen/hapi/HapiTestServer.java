@@ -1,0 +1,32 @@
+package org.backpainscreen.hapi;
+
+import ca.uhn.fhir.batch2.jobs.config.Batch2JobsConfig;
+import ca.uhn.fhir.jpa.batch2.JpaBatch2Config;
+import ca.uhn.fhir.jpa.config.r4.JpaR4Config;
+import ca.uhn.fhir.jpa.subscription.channel.config.SubscriptionChannelConfig;
+import ca.uhn.fhir.jpa.subscription.match.config.SubscriptionProcessorConfig;
+import ca.uhn.fhir.jpa.subscription.submit.config.SubscriptionSubmitterConfig;
+import org.springframework.boot.SpringApplication;
+import org.springframework.boot.autoconfigure.SpringBootApplication;
+import org.springframework.boot.autoconfigure.orm.jpa.HibernateJpaAutoConfiguration;
+import org.springframework.boot.autoconfigure.thymeleaf.ThymeleafAutoConfiguration;
+import org.springframework.context.annotation.Import;
+
+/**
+ * HAPI FHIR's JPA server (R4) for the plugin's integration tests: HAPI's own storage, search, transactions,
+ * validation and Subscription delivery; our code only wires them together (see {@link ServerConfig}).
+ */
+@SpringBootApplication(exclude = {ThymeleafAutoConfiguration.class, HibernateJpaAutoConfiguration.class})
+@Import({
+	JpaR4Config.class,
+	JpaBatch2Config.class,
+	Batch2JobsConfig.class,
+	SubscriptionSubmitterConfig.class,
+	SubscriptionProcessorConfig.class,
+	SubscriptionChannelConfig.class
+})
+public class HapiTestServer {
+	public static void main(String[] args) {
+		SpringApplication.run(HapiTestServer.class, args);
+	}
+}
