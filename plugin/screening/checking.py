@@ -27,6 +27,7 @@ DATETIME = re.compile(
     r"(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)))?)?)?"
 )
 ROOT = "QuestionnaireResponse"
+URI = re.compile(r"\S+")  # FHIR's uri: no whitespace (a space would break every search on the identifier)
 Catalog = Mapping[str, Mapping[str, CompiledQuestionnaire]]  # url -> version -> Questionnaire
 # The top-level elements of an R4 QuestionnaireResponse and their JSON shape: the response
 # is written back as it came, so a wrong shape here would fail the whole transaction later.
@@ -41,6 +42,8 @@ KIND_NAMES = {str: "string", dict: "object", list: "array"}
 ITEM_KEYS = frozenset({"id", "extension", "modifierExtension", "linkId", "definition", "text", "answer", "item",
                        "_linkId", "_definition", "_text"})
 FAST_ITEM_KEYS = frozenset({"linkId", "text", "answer"})  # anything else goes the careful way
+MODEL_ITEM_KEYS = frozenset({"id", "extension", "_linkId", "_definition", "_text"})  # judged by the R4 model
+ANSWER_KEYS = frozenset({"id", "extension", "modifierExtension", "item"})  # beside value[x] and _value[x]
 # The JSON shape of the item elements the checker does not read itself (they are written back as they came).
 ITEM_SHAPES: dict[str, type] = {"id": str, "definition": str, "text": str, "extension": list,
                                 "modifierExtension": list, "_linkId": dict, "_definition": dict, "_text": dict}
@@ -130,6 +133,9 @@ def _check_header(qr: dict, fhir_base: str | None) -> list[Issue]:
     elif patient_of(qr, fhir_base) is None:
         issues.append(Issue("invalid", f"subject.reference must reference a Patient as {ACCEPTED_FORMS}.",
                             f"{ROOT}.subject.reference"))
+    system = _get(qr.get("identifier"), "system")
+    if system is not None and not (isinstance(system, str) and URI.fullmatch(system)):
+        issues.append(Issue("value", "identifier.system must be a URI, with no spaces.", f"{ROOT}.identifier.system"))
     encounter = qr.get("encounter")
     if encounter is not None and not isinstance(_get(encounter, "reference"), str):
         issues.append(Issue("invalid", "encounter.reference must be a string.", f"{ROOT}.encounter"))
@@ -156,8 +162,25 @@ def _model_issues(elements: dict) -> list[Issue]:
         QuestionnaireResponse.model_validate({"resourceType": ROOT, "status": "completed", **elements})
     except ValidationError as error:
         return [model_issue(ROOT, e, set(elements)) for e in error.errors()[:MAX_ISSUES]]
-    except (ValueError, TypeError):
-        return [Issue("structure", "Some elements are not valid FHIR.", ROOT)]
+    except (ValueError, TypeError, KeyError):  # KeyError: a contained resource of a type R4 does not have
+        return [Issue("structure", "Some elements are not valid FHIR R4.", ROOT)]
+    return []
+
+
+def _element_issues(model: str, element: dict) -> list[str]:
+    """What fhir.resources (R4B) finds wrong in an item's or answer's elements the checker does not read
+    (extensions, ids, primitive extensions): the response is written back as it came, so they must be valid R4.
+    The rare path: a plain item or answer has none of them."""
+    from fhir.resources.R4B import questionnaireresponse
+    from pydantic import ValidationError
+
+    try:
+        getattr(questionnaireresponse, model).model_validate(element)
+    except ValidationError as error:
+        return [f"{'.'.join(str(p) for p in e['loc']) or 'element'}: {str(e['msg']).rstrip('.')}."
+                for e in error.errors()[:5]]
+    except (ValueError, TypeError, KeyError):
+        return ["not valid FHIR R4."]
     return []
 
 
@@ -290,6 +313,10 @@ def _item_spec(walk: _Walk, item: dict, parent: str | None, where: str) -> ItemS
     for i, extension in enumerate(extensions if isinstance(extensions, list) else []):
         if not (isinstance(extension, dict) and isinstance(extension.get("url"), str)):
             walk.problem("structure", "An extension must be an object with a url.", f"{where}.extension[{i}]")
+    extras = {k: v for k, v in item.items() if k in MODEL_ITEM_KEYS}
+    if extras and not unknown:
+        for problem in _element_issues("QuestionnaireResponseItem", {"linkId": link_id, **extras}):
+            walk.problem("structure", f"Item {link_id!r}: {problem}", where)
     return spec
 
 
@@ -327,6 +354,14 @@ def _answer_value(walk: _Walk, spec: ItemSpec, answer: Any, where: str) -> Any:
         return None
     if answer.get("item"):
         walk.problem("structure", f"Answers to {spec.link_id!r} take no nested items.", f"{where}.item")
+    unknown = [k for k in answer if not (k.startswith(("value", "_value")) or k in ANSWER_KEYS)]
+    if unknown:
+        walk.problem("structure", f"An answer to {spec.link_id!r} has elements an answer does not define: "
+                     f"{', '.join(_name(k) for k in unknown[:5])}.", where)
+        return None
+    extras = {k: v for k, v in answer.items() if k in ("id", "extension") or k.startswith("_value")}
+    for problem in _element_issues("QuestionnaireResponseItemAnswer", extras) if extras else ():
+        walk.problem("structure", f"An answer to {spec.link_id!r}: {problem}", where)
     keys = [k for k in answer if k.startswith("value")]
     key = spec.answer_key
     if keys != [key]:
