@@ -101,7 +101,8 @@ def _private(host: str) -> bool:
 
 def wanted(endpoint: str, secret: str) -> list[tuple[str, dict]]:
     """(Questionnaire URL, the Subscription the plugin needs for it) for every published Questionnaire."""
-    return [(q["url"], subscription(q, endpoint, secret)) for q in data.definitions("Questionnaire")]
+    newest = {q["url"]: q for q in data.definitions("Questionnaire")}  # one per Questionnaire, whatever its versions
+    return [(url, subscription(q, endpoint, secret)) for url, q in newest.items()]
 
 
 def subscription(questionnaire: dict, endpoint: str, secret: str) -> dict:
@@ -112,7 +113,7 @@ def subscription(questionnaire: dict, endpoint: str, secret: str) -> dict:
         "status": "requested",
         "reason": f"backpain-screen scores responses to {questionnaire.get('title') or url} and writes the "
                   f"results back",
-        "criteria": f"QuestionnaireResponse?questionnaire={url}&status={STATUSES}",
+        "criteria": f"QuestionnaireResponse?questionnaire={data.canonical_forms(url)}&status={STATUSES}",
         "channel": {"type": "rest-hook", "endpoint": endpoint, "payload": FHIR_JSON,
                     "header": [f"{SECRET_HEADER}: {secret}"]},
     }

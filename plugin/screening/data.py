@@ -59,6 +59,13 @@ def _published() -> tuple[dict, ...]:
     return tuple(found)
 
 
+def canonical_forms(url: str) -> str:
+    """A search value matching a response to any published version of a Questionnaire, whether its
+    canonical names the version or not (`url,url|1.0.0,url|1.1.0`): servers match canonicals as given."""
+    versions = [q["version"] for q in definitions("Questionnaire") if q["url"] == url]
+    return ",".join([url, *(f"{url}|{version}" for version in versions)])
+
+
 @cache
 def safety_netting(audience: str) -> str:
     """What to do if new symptoms appear, for `patient` or `clinician` (mappings' `safety_netting`)."""

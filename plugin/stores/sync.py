@@ -22,6 +22,7 @@ from pathlib import Path
 
 import orjson
 
+from plugin.screening import data
 from plugin.screening.outcome import InvalidInput
 from plugin.screening.pipeline import Screener
 from plugin.stores.store import Store
@@ -102,8 +103,8 @@ async def _sync_questionnaire(client: Store, screener: Screener, url: str, state
     what gets past more than a page of responses stamped with one instant.
     """
     # A response names its Questionnaire with or without a version: every published form of the canonical.
-    canonicals = ",".join([url, *(f"{url}|{version}" for version in screener.catalog[url])])
-    params = {"questionnaire": canonicals, "status": STATUSES, "_sort": "_lastUpdated", "_count": str(PAGE)}
+    params = {"questionnaire": data.canonical_forms(url), "status": STATUSES, "_sort": "_lastUpdated",
+              "_count": str(PAGE)}
     if state["watermark"]:
         params["_lastUpdated"] = f"ge{state['watermark']}"
     seen = {tuple(x) for x in state["seen"]}

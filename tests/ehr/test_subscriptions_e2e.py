@@ -21,6 +21,7 @@ import pytest
 
 from plugin.ehr.subscribe import TAG_SYSTEM, check_endpoint, differences, merged, subscription
 from plugin.jobs.cli import EXIT_BAD_INPUT, main
+from plugin.screening.data import canonical_forms
 from tests.conftest import fhir_client
 from tests.fhir_helpers import (
     CLI,
@@ -120,7 +121,7 @@ def ours(fhir: httpx.Client) -> dict[str, dict]:
     found = fhir.get("/Subscription", params={"_count": "100"}).json().get("entry", [])
     subs = [e["resource"] for e in found
             if any(t.get("system") == TAG_SYSTEM for t in e["resource"].get("meta", {}).get("tag", []))]
-    by_questionnaire = {re.search(r"questionnaire=([^&]+)", s["criteria"]).group(1): s for s in subs}
+    by_questionnaire = {re.search(r"questionnaire=([^&,]+)", s["criteria"]).group(1): s for s in subs}
     assert len(by_questionnaire) == len(subs), "two Subscriptions for one Questionnaire"
     return by_questionnaire
 
@@ -163,7 +164,8 @@ def test_subscribe_makes_one_subscription_per_questionnaire_and_a_second_run_cha
     assert set(subs) == QUESTIONNAIRES
     for url, sub in subs.items():
         assert sub["status"] == "active"  # made `requested`; the server activated it
-        assert sub["criteria"] == f"QuestionnaireResponse?questionnaire={url}&status=completed,amended,entered-in-error"
+        assert sub["criteria"] == (f"QuestionnaireResponse?questionnaire={canonical_forms(url)}"
+                                   "&status=completed,amended,entered-in-error,in-progress,stopped")
         assert sub["channel"] == {"type": "rest-hook", "endpoint": plugin.endpoint, "payload": "application/fhir+json",
                                   "header": [f"X-Notification-Secret: {SECRET}"]}
         assert sub["reason"]

@@ -82,3 +82,28 @@ def test_a_true_red_flag_always_writes_its_review_task(case: tuple[dict, str], t
     assert [t["priority"] for t in reviews] in (["stat"], ["urgent"])
     if priority == "stat":
         assert reviews[0]["priority"] == "stat"
+
+
+def test_a_store_that_refuses_the_response_still_gets_its_red_flags(tmp_path: Path):
+    """SCREENING.md §7: the store refuses the response itself (here: an id no store takes); the Observation and
+    the Task are written without it, referring to it by identifier, and the refusal says the flags were recorded."""
+    qr = response({"rf-saddle-numbness": True}, id="not a valid id", subject={"reference": "Patient/p"})
+
+    async def go() -> tuple[InvalidInput, list[dict], list[dict], list[dict]]:
+        async with SqliteStore(tmp_path / "store.sqlite3") as store:
+            try:
+                await submit(store, SCREENER, qr)
+            except InvalidInput as error:
+                refusal = error
+            found = [[r async for r in store.search(kind, {})] for kind in ("Task", "Observation", "Provenance")]
+            return refusal, *found
+
+    refusal, tasks, observations, provenances = asyncio.run(go())
+    assert refusal.issues[0].expression == "QuestionnaireResponse.id"
+    assert "were recorded" in refusal.issues[-1].diagnostics
+    ((task,), (obs,), (provenance,)) = tasks, observations, provenances
+    assert task["priority"] == "stat" and "Saddle numbness or tingling" in task["description"]
+    by_identifier = obs["derivedFrom"][0]
+    assert by_identifier["type"] == "QuestionnaireResponse" and by_identifier["identifier"]["value"]
+    assert by_identifier["display"].startswith("response refused:")
+    assert task["focus"] == by_identifier and provenance["entity"][0]["what"] == by_identifier
