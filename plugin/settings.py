@@ -16,7 +16,8 @@ from plugin.screening.parsing import MAX_BODY_BYTES
 from plugin.screening.pipeline import Settings
 
 # SMART v2 scopes for what the plugin reads and writes (see plugin/fhir/smart_auth.py for why each).
-DEFAULT_SMART_SCOPES = ("system/Questionnaire.crus system/CodeSystem.crus system/Device.crus "
+DEFAULT_SMART_SCOPES = ("system/Questionnaire.crus system/CodeSystem.crus system/StructureDefinition.crus "
+                        "system/OperationDefinition.crus system/Device.crus "
                         "system/QuestionnaireResponse.crus system/Observation.crus system/Task.crus "
                         "system/Provenance.cs system/Patient.r system/Subscription.crus")
 

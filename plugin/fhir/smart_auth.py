@@ -42,9 +42,10 @@ ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_LIFETIME = 240  # seconds; SMART allows at most 300
 TOKEN_RETRY = RetryPolicy(attempts=3)  # the token endpoint, on 429, 5xx and connection failures
 # The default scopes (settings.DEFAULT_SMART_SCOPES) are what the plugin reads and writes (SMART v2: c create,
-# r read, u update, d delete, s search): publish makes conditional updates of Questionnaire, CodeSystem and
-# Device (search, then create or update); submit and the service read results by identifier, the response
-# and its Patient in one batch, then write one transaction of conditional creates and updates (Observation,
+# r read, u update, d delete, s search): publish makes conditional updates of Questionnaire, CodeSystem,
+# StructureDefinition, OperationDefinition and Device (search, then create or update); submit and the service
+# read results by identifier, the response and its Patient in one batch, then write one transaction of
+# conditional creates and updates (Observation,
 # Task, QuestionnaireResponse, Device; Provenance is created, if no copy is found); sync searches responses;
 # $populate searches a patient's Observations and responses and reads the Patient; subscribe searches, creates
 # and updates its Subscriptions.
