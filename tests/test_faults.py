@@ -43,7 +43,9 @@ from tests.result_sets import in_store, on_server
 EXAMPLES = ["qr-refer-asas.json", "qr-no-referral.json", "qr-not-applicable.json", "qr-emergency.json",
             "qr-urgent.json", "qr-indeterminate.json", "qr-nice-test-hla-b27.json"]
 JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
-GIVE_UP = 180  # seconds a caller keeps retrying one response: a fault that never clears fails, never hangs, the run
+# Seconds a caller keeps retrying one response: a fault that never clears fails, never hangs, the run. HAPI takes
+# up to two minutes to come back from SIGKILL on this machine when it is busy, so a portal waits longer than that.
+GIVE_UP = 400
 
 
 def new_patients(fhir: httpx.Client, n: int) -> list[str]:
@@ -139,7 +141,7 @@ class Portal:
                 self.put(fhir, qr_id)
 
 
-def settled(base_url: str, bodies: dict[str, bytes], quiet: float = 5.0, timeout: float = 180) -> bool:
+def settled(base_url: str, bodies: dict[str, bytes], quiet: float = 5.0, timeout: float = 300) -> bool:
     """Until the results on the server stop changing for `quiet` seconds: HAPI's notifications are handled.
     (HAPI says nothing about its delivery queue, so the store itself is watched.)"""
     deadline, last, since = time.monotonic() + timeout, None, time.monotonic()
@@ -154,7 +156,7 @@ def settled(base_url: str, bodies: dict[str, bytes], quiet: float = 5.0, timeout
 
 
 def test_fhir_server_killed_mid_stream_then_restarted_and_synced(tmp_path: Path, fault_report):
-    n = 200
+    n = 120  # HAPI validates every write: enough to be killed mid-stream, few enough for a busy machine
     with fhir_server(tmp_path) as server, \
             serving(tmp_path / "serve", "--fhir-base-url", server.base_url) as service:
         with fhir_client(server.base_url) as fhir:
@@ -167,7 +169,7 @@ def test_fhir_server_killed_mid_stream_then_restarted_and_synced(tmp_path: Path,
         submitting = threading.Thread(target=portal.run)
         started = time.monotonic()
         submitting.start()
-        assert wait_for(lambda: portal.accepted >= n * 2 // 5, timeout=120)
+        assert wait_for(lambda: portal.accepted >= n * 2 // 5, timeout=300)
         server.kill()  # SIGKILL: no goodbye, notifications queued in it are gone
         accepted_before_kill = portal.accepted
         time.sleep(1.0)  # down for a moment: the portal and the plugin's write-backs meet a dead port

@@ -16,7 +16,14 @@ import org.springframework.context.annotation.Import;
  * HAPI FHIR's JPA server (R4) for the plugin's integration tests: HAPI's own storage, search, transactions,
  * validation and Subscription delivery; our code only wires them together (see {@link ServerConfig}).
  */
-@SpringBootApplication(exclude = {ThymeleafAutoConfiguration.class, HibernateJpaAutoConfiguration.class})
+// Hibernate Search is off: its Elasticsearch client (on the classpath through HAPI) must not start and sniff.
+@SpringBootApplication(
+		exclude = {ThymeleafAutoConfiguration.class, HibernateJpaAutoConfiguration.class},
+		excludeName = {
+			"org.springframework.boot.autoconfigure.elasticsearch.ElasticsearchClientAutoConfiguration",
+			"org.springframework.boot.autoconfigure.elasticsearch.ElasticsearchRestClientAutoConfiguration",
+			"org.springframework.boot.autoconfigure.elasticsearch.ReactiveElasticsearchClientAutoConfiguration"
+		})
 @Import({
 	JpaR4Config.class,
 	JpaBatch2Config.class,
