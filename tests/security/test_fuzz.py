@@ -107,6 +107,10 @@ OPERATIONS = [
     ("PUT", "/QuestionnaireResponse/{id}"), ("GET", "/results/{id}"), ("GET", "/launch"), ("GET", "/launch/callback"),
     ("GET", "/cds-services"), ("POST", "/cds-services/backpain-screening"),
     ("POST", "/cds-services/backpain-screening/feedback"), ("GET", "/healthz"), ("GET", "/readyz"),
+    ("GET", "/StructureDefinition"), ("GET", "/StructureDefinition/{id}"), ("GET", "/OperationDefinition"),
+    ("GET", "/OperationDefinition/{id}"), ("GET", "/QuestionnaireResponse/{id}"),
+    ("GET", "/QuestionnaireResponse/{id}/_history/{vid}"), ("POST", "/QuestionnaireResponse/{id}/$extract"),
+    ("GET", "/results"),
 ]
 
 
@@ -127,7 +131,7 @@ def test_no_5xx_and_no_stall(client, method, path, body, content_type, accept, a
         headers["Content-Type"] = content_type
     if accept:
         headers["Accept"] = accept
-    url = path.replace("{id}", an_id) + (f"?_format={fmt}" if fmt else "")
+    url = path.replace("{id}", an_id).replace("{vid}", an_id) + (f"?_format={fmt}" if fmt else "")
     note(f"{method} {url} {headers} {body[:300]!r}")
     started = time.perf_counter()
     answer = client.request(method, url, content=body if method != "GET" else None, headers=headers)

@@ -73,13 +73,32 @@ def test_ordinary_extensions_are_accepted():
     assert Screener().process(qr).bundle["entry"]
 
 
-def test_ingest_answers_400_and_writes_nothing(tmp_path):
-    qr = base()
-    _first_answer(qr)["modifierExtension"] = copy.deepcopy(MODIFIER)
+def _ingest(tmp_path, qr: dict) -> tuple[dict, dict[str, list[dict]]]:
+    """POSTs `qr` to a service on an embedded store; the OperationOutcome and what the store then holds."""
     with TestClient(create_app(ServiceSettings(store_path=tmp_path / "store.sqlite3"))) as client:
         answer = client.post("/QuestionnaireResponse", content=orjson.dumps(qr),
                              headers={"Content-Type": "application/fhir+json"})
         assert answer.status_code == 400
-        assert any(e.endswith("modifierExtension") for i in answer.json()["issue"] for e in i["expression"])
         store = client.app.state.service.store
-        assert client.portal.call(store.search_page, "Observation", {"_summary": "count"})["total"] == 0
+        held = {kind: [e["resource"] for e in client.portal.call(store.search_page, kind, {}).get("entry", [])]
+                for kind in ("Observation", "Task")}
+        return answer.json(), held
+
+
+def test_ingest_answers_400_and_writes_nothing_without_a_red_flag(tmp_path):
+    qr = response({"rf-saddle-numbness": False, "pain-duration": "gt-5y", "onset-age": 30})
+    _first_answer(qr)["modifierExtension"] = copy.deepcopy(MODIFIER)
+    outcome, held = _ingest(tmp_path, qr)
+    assert any(e.endswith("modifierExtension") for i in outcome["issue"] for e in i["expression"])
+    assert held == {"Observation": [], "Task": []}
+
+
+def test_a_red_flag_beside_an_unknown_modifier_still_reaches_a_clinician(tmp_path):
+    """The modifier sits on another answer: the response is refused, the saddle numbness is not lost (H1)."""
+    qr = base()
+    _first_answer(qr)["modifierExtension"] = copy.deepcopy(MODIFIER)
+    outcome, held = _ingest(tmp_path, qr)
+    assert any(e.endswith("modifierExtension") for i in outcome["issue"] for e in i["expression"])
+    assert any("red flags" in i["diagnostics"] for i in outcome["issue"] if i["severity"] == "information")
+    assert [o["code"]["coding"][0]["code"] for o in held["Observation"]] == ["red-flags"]
+    assert [t["priority"] for t in held["Task"]] == ["stat"]

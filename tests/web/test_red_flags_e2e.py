@@ -22,6 +22,7 @@ from plugin.app import create_app
 from plugin.screening import systems
 from plugin.settings import ServiceSettings
 from plugin.stores.sync import RECORDED, sync
+from plugin.stores.writeback import publish
 from tests.factory import response
 
 JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
@@ -36,6 +37,8 @@ def service(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
     base = request.getfixturevalue("fhir_base_url") if request.param == "fhir-server" else None
     settings = ServiceSettings(fhir_base_url=base, store_path=tmp_path / "store.sqlite3", notify_secret="s3cret")
     with TestClient(create_app(settings)) as client:
+        if base:  # as a clinic's server holds them: HAPI then validates every response against its Questionnaire
+            client.portal.call(publish, client.app.state.service.store, client.app.state.service.screener)
         yield client
 
 
@@ -103,21 +106,44 @@ def test_post_an_unfinished_response_without_a_red_flag_writes_nothing(service: 
     assert found(service, "Observation", patient) == [] and found(service, "Task", patient) == []
 
 
-@pytest.mark.parametrize("bad", [{"age": 200}, {"pain-duration": "forever"}])
-def test_post_a_refused_response_with_a_red_flag(service: TestClient, patient: str, bad: dict):
-    qr = qr_for(patient, {**MECHANICAL, **NO_FLAGS, "rf-bladder-bowel": True})
-    for item in qr["item"]:  # the bad answer goes in as it would arrive, past the factory's own typing
+def negated(qr: dict) -> dict:
+    """A modifier extension the plugin does not know on a non-flag answer: the plugin refuses the response, a
+    FHIR server that allows any extension (HAPI's default) stores it."""
+    (answer,) = [c["answer"][0] for g in qr["item"] for c in g.get("item", []) if c["linkId"] == "pain-duration"]
+    answer["modifierExtension"] = [{"url": "https://example.org/negated", "valueBoolean": True}]
+    return qr
+
+
+def out_of_range(qr: dict, link_id: str, value: object) -> dict:
+    """The bad answer goes in as it would arrive, past the factory's own typing."""
+    for item in qr["item"]:
         for child in item.get("item", []):
-            if child["linkId"] in bad:
-                key = "valueInteger" if child["linkId"] == "age" else "valueCoding"
-                value = bad[child["linkId"]]
-                child["answer"] = [{key: value if key == "valueInteger" else {"code": value}}]
+            if child["linkId"] == link_id:
+                child["answer"] = [{"valueInteger": value} if link_id == "age" else {"valueCoding": {"code": value}}]
+    return qr
+
+
+def validating(service: TestClient) -> bool:
+    """HAPI validates what it is sent against the published Questionnaire; the embedded store does not."""
+    return service.app.state.service.settings.fhir_base_url is not None
+
+
+@pytest.mark.parametrize("bad", [("age", 200), ("pain-duration", "forever"), ("modifier", None)])
+def test_post_a_refused_response_with_a_red_flag(service: TestClient, patient: str, bad: tuple):
+    qr = qr_for(patient, {**MECHANICAL, **NO_FLAGS, "rf-bladder-bowel": True})
+    qr = negated(qr) if bad[0] == "modifier" else out_of_range(qr, *bad)
     answer = service.post("/QuestionnaireResponse", content=orjson.dumps(qr), headers=JSON)
     refusal_says_recorded(answer)
     assert_recorded(service, patient, priority="stat", status="final")
     stored = found(service, "QuestionnaireResponse", patient)
-    assert [r["id"] for r in stored] == [qr["id"]]  # the response as it came, so the results can point at it
-    assert red_flags(service, patient)["derivedFrom"] == [{"reference": f"QuestionnaireResponse/{qr['id']}"}]
+    if validating(service) and bad[0] != "modifier":
+        # HAPI refuses the invalid response itself: the results name it by its identifier instead
+        assert stored == []
+        (source,) = red_flags(service, patient)["derivedFrom"]
+        assert source["identifier"]["value"] and source["display"].startswith("response refused: HTTP 4")
+    else:
+        assert [r["id"] for r in stored] == [qr["id"]]  # the response as it came, so the results can point at it
+        assert red_flags(service, patient)["derivedFrom"] == [{"reference": f"QuestionnaireResponse/{qr['id']}"}]
 
 
 def test_extract_of_a_refused_response_returns_the_red_flags_and_the_issues(service: TestClient, patient: str):
@@ -133,7 +159,7 @@ def test_extract_of_a_refused_response_returns_the_red_flags_and_the_issues(serv
 
 
 def test_a_rest_hook_notification_of_a_refused_response(service: TestClient, patient: str):
-    qr = qr_for(patient, {**NO_FLAGS, "rf-saddle-numbness": True, "age": 200})
+    qr = negated(qr_for(patient, {**MECHANICAL, **NO_FLAGS, "rf-saddle-numbness": True}))  # one the EHR's server holds
     put_as_the_ehr_would(service, qr)
     answer = service.put(f"/QuestionnaireResponse/{qr['id']}", content=orjson.dumps(qr),
                          headers={**JSON, "X-Notification-Secret": "s3cret"})
@@ -143,7 +169,7 @@ def test_a_rest_hook_notification_of_a_refused_response(service: TestClient, pat
 
 def test_the_catch_up_sync_records_red_flags_it_cannot_score(service: TestClient, patient: str, tmp_path: Path):
     unfinished = qr_for(patient, {"rf-fever": True}, status="in-progress")
-    refused = qr_for(patient, {**NO_FLAGS, "rf-saddle-numbness": True, "age": 200})
+    refused = negated(qr_for(patient, {**MECHANICAL, **NO_FLAGS, "rf-saddle-numbness": True}))
     for qr in (unfinished, refused):
         put_as_the_ehr_would(service, qr)
     svc = service.app.state.service
@@ -194,7 +220,8 @@ def put_as_the_ehr_would(service: TestClient, qr: dict) -> None:
     """The response stored as the EHR's server holds it, before the plugin hears of it."""
     store = service.app.state.service.store
     bundle = {"resourceType": "Bundle", "type": "transaction",
-              "entry": [{"resource": qr, "request": {"method": "PUT", "url": f"QuestionnaireResponse/{qr['id']}"}}]}
+              "entry": [{"fullUrl": f"{store.base_url}/QuestionnaireResponse/{qr['id']}", "resource": qr,
+                         "request": {"method": "PUT", "url": f"QuestionnaireResponse/{qr['id']}"}}]}
     answer = service.portal.call(store.transaction, bundle)
     assert answer["entry"][0]["response"]["status"][:3] in ("200", "201")
 

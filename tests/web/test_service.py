@@ -1266,7 +1266,8 @@ def test_accept_is_read_by_its_quality_values(client, accept, expected):
 
 def test_a_response_xml_cannot_carry_is_a_422_in_xml_not_a_crash(client):
     qr = example("qr-refer-asas.json")
-    qr["item"][0]["extension"] = [{"url": "http://example.org/x", "valueString": ""}]
+    # U+FFFE is a FHIR string character (not whitespace, not a control character) that XML 1.0 cannot hold
+    qr["item"][0]["extension"] = [{"url": "http://example.org/x", "valueString": "a\ufffeb"}]
     answer = client.post("/QuestionnaireResponse/$extract", content=orjson.dumps(qr),
                          headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+xml"})
     assert answer.status_code == 422 and answer.text.lstrip().startswith("<?xml")
