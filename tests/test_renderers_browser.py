@@ -202,7 +202,7 @@ class Plugin:
 
     def results(self, location: str) -> dict[str, dict]:
         """The stored results of the response at `location`: Observations by code, Tasks under "tasks"."""
-        qr_id = location.rstrip("/").rsplit("/", 1)[-1]
+        qr_id = location.split("/QuestionnaireResponse/")[1].split("/")[0]
         found = httpx.get(f"{self.url}/results/{qr_id}", headers={"Accept": FHIR_JSON}, timeout=10)
         assert found.status_code == 200, found.text
         resources = [e["resource"] for e in found.json()["entry"]]
@@ -354,7 +354,8 @@ def written(sent: dict) -> dict:
     """The plugin's answer to the POST, checked to be a write; the QR's location."""
     assert sent["status"] == 201, orjson.dumps(sent["reply"]).decode()
     assert sent["qr"]["status"] == "completed"
-    assert re.search(r"/QuestionnaireResponse/[^/]+$", sent["location"] or ""), sent["location"]
+    assert re.search(r"/QuestionnaireResponse/[^/]+/_history/[^/]+$", sent["location"] or ""), sent["location"]
+    assert sent["reply"]["resourceType"] == "QuestionnaireResponse"  # a FHIR create answers with what it stored
     return sent
 
 

@@ -47,6 +47,16 @@ def wanted(request: Request) -> str:
     return best
 
 
+def return_preference(request: Request) -> str:
+    """What a create answers with (FHIR RESTful API, `Prefer: return=`): `minimal`, `OperationOutcome` or
+    `representation` (the default, as HAPI FHIR does)."""
+    for part in request.headers.get("prefer", "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() == "return" and value.strip().strip('"') in ("minimal", "OperationOutcome"):
+            return value.strip().strip('"')
+    return "representation"
+
+
 def _quality(params: list[str]) -> float:
     for param in params:
         name, _, value = param.strip().partition("=")

@@ -14,7 +14,7 @@ from plugin.fhir import formats
 from plugin.fhir.capability import capability_statement
 from plugin.fhir.searchset import searchset
 from plugin.screening import data
-from plugin.screening.outcome import InvalidInput, invalid
+from plugin.screening.outcome import InvalidInput, Issue, invalid, operation_outcome
 from plugin.screening.pipeline import recorded
 from plugin.stores.writeback import Written, prepare, raise_refusal, save, submit
 from plugin.web.security import require_bearer, require_notify_secret
@@ -106,8 +106,9 @@ def _extracted(request: Request, qr: dict) -> Response:
 async def ingest(request: Request) -> Response:
     """`POST /QuestionnaireResponse`: check, score, write it with its results in one transaction.
 
-    201 with Location when the response is new; the same response again: 200
-    with the same results and nothing written twice.
+    A FHIR create: 201 with the stored response, `Location` (with its version) and `ETag` when it is
+    new; the same response again: 200 with the same, and nothing written twice. `Prefer: return=`
+    chooses the body (`minimal`: none; `OperationOutcome`: the outcome and where each result is).
     """
     svc = service(request)
     require_bearer(request, svc.settings.ingest_token)
@@ -119,7 +120,38 @@ async def ingest(request: Request) -> Response:
             svc.count("invalid")
         raise
     svc.count(outcome.label)
-    return written_reply(request, outcome.label, written)
+    svc.log_written(outcome.label, written)
+    return await created_reply(request, outcome.label, written)
+
+
+async def created_reply(request: Request, label: str, written: list[Written]) -> Response:
+    """The create's answer: the response as the store now holds it (read back, so its version is the store's)."""
+    response_entry = next((w for w in written if w.location.startswith("QuestionnaireResponse/")), None)
+    stored = await service(request).store.read(response_entry.location) if response_entry else None
+    results = written_outcome(label, written)
+    if stored is None:  # an unfinished response without a red flag: read, not kept (SCREENING.md §4)
+        return formats.reply(results, formats.wanted(request))
+    version = stored["meta"]["versionId"]
+    headers = {"Location": f"{base_url(request)}/{response_entry.location}/_history/{version}",
+               **_version_headers(stored)}
+    status = 201 if response_entry.status == "201" and response_entry.changed else 200
+    preference = formats.return_preference(request)
+    if preference == "minimal":
+        return Response(status_code=status, headers=headers)
+    body = results if preference == "OperationOutcome" else stored
+    return formats.reply(body, formats.wanted(request), status, headers)
+
+
+def written_outcome(label: str, written: list[Written]) -> dict:
+    """An OperationOutcome saying what the screening concluded and where each resource written for it is."""
+    if not written:
+        return operation_outcome([Issue("informational", "Nothing was written: a response that is not completed "
+                                        "is only read for red flags, and it reports none. Send it again when "
+                                        "it is completed.", None, "information")])
+    issues = [Issue("informational", f"Screening outcome: {label}.", None, "information")]
+    issues += [Issue("informational", f"{w.location}: {'written' if w.changed else 'already there, unchanged'}.",
+                     None, "information") for w in written]
+    return operation_outcome(issues)
 
 
 async def notified_with_payload(request: Request) -> Response:
@@ -162,7 +194,7 @@ async def read_response(request: Request) -> dict:
 
 
 def written_reply(request: Request, label: str, written: list[Written]) -> Response:
-    """A transaction-response Bundle saying where each result is; 201 + Location if the response is new."""
+    """A notification's answer: a transaction-response Bundle saying where each result is."""
     service(request).log_written(label, written)
     base = base_url(request)
     entries = [{"response": {"status": "201 Created" if w.status == "201" else "200 OK",

@@ -98,7 +98,8 @@ def document() -> dict:
                 "SDC $extract: score a response, return the result Bundle, write nothing",
                 _answers(200, 400, 413, 415), body=qr_or_parameters)},
             "/QuestionnaireResponse": {"post": _op(
-                "Score a response and write it with its results in one transaction",
+                "FHIR create: score a response and write it with its results in one transaction; the body is the "
+                "stored response (Prefer: return=OperationOutcome lists where each result is; return=minimal: none)",
                 _answers(200, 201, 400, 401, 413, 415, 422, 503), body=QR, security=True)},
             "/QuestionnaireResponse/{id}": {"put": _op(
                 "Subscription notification with a payload: write the response's results",

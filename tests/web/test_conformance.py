@@ -108,18 +108,47 @@ def test_every_extension_of_ours_in_a_result_has_a_published_structure_definitio
         assert definition["type"] == "Extension" and definition["fhirVersion"] == "4.0.1"
 
 
-def test_the_created_response_can_be_read_at_its_location_with_its_version(client: TestClient) -> None:
+def test_a_create_answers_with_the_stored_response_its_versioned_location_and_etag(client: TestClient) -> None:
     qr = orjson.loads((EXAMPLES / "qr-refer-asas.json").read_bytes())
     created = client.post("/QuestionnaireResponse", content=orjson.dumps(qr),
                           headers={"Content-Type": "application/fhir+json"})
     assert created.status_code == 201
+    body = created.json()
+    assert body["resourceType"] == "QuestionnaireResponse" and body["id"] == qr["id"]
+    version = body["meta"]["versionId"]
+    assert created.headers["etag"] == f'W/"{version}"'
+    assert created.headers["location"].endswith(f"/QuestionnaireResponse/{qr['id']}/_history/{version}")
     read = client.get(created.headers["location"])
-    assert read.status_code == 200
-    stored = read.json()
-    assert stored["resourceType"] == "QuestionnaireResponse" and stored["id"] == qr["id"]
-    assert read.headers["etag"] == f'W/"{stored["meta"]["versionId"]}"'
-    version = client.get(f"/QuestionnaireResponse/{qr['id']}/_history/{stored['meta']['versionId']}")
-    assert version.status_code == 200 and version.json()["id"] == qr["id"]
+    assert read.status_code == 200 and read.json() == body
+    assert read.headers["etag"] == created.headers["etag"]
+    current = client.get(f"/QuestionnaireResponse/{qr['id']}")
+    assert current.status_code == 200 and current.json()["meta"]["versionId"] == version
+
+
+def test_the_same_create_again_answers_200_with_the_same_version(client: TestClient) -> None:
+    qr = orjson.loads((EXAMPLES / "qr-emergency.json").read_bytes())
+    body, json_type = orjson.dumps(qr), {"Content-Type": "application/fhir+json"}
+    first = client.post("/QuestionnaireResponse", content=body, headers=json_type)
+    again = client.post("/QuestionnaireResponse", content=body, headers=json_type)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.headers["location"] == first.headers["location"] and again.json() == first.json()
+
+
+@pytest.mark.parametrize("prefer", ["return=minimal", "return=OperationOutcome", 'handling=strict, return="minimal"'])
+def test_prefer_chooses_what_a_create_answers_with(client: TestClient, prefer: str) -> None:
+    qr = orjson.loads((EXAMPLES / "qr-refer-asas.json").read_bytes()) | {"id": f"prefer-{len(prefer)}"}
+    created = client.post("/QuestionnaireResponse", content=orjson.dumps(qr),
+                          headers={"Content-Type": "application/fhir+json", "Prefer": prefer})
+    assert created.status_code == 201 and "/_history/" in created.headers["location"] and created.headers["etag"]
+    if "minimal" in prefer:
+        assert created.content == b""
+        return
+    issues = created.json()["issue"]
+    assert created.json()["resourceType"] == "OperationOutcome" and all(i["severity"] == "information" for i in issues)
+    assert issues[0]["diagnostics"] == "Screening outcome: refer-rheumatology."
+    written = [i["diagnostics"].split(":")[0] for i in issues[1:]]
+    assert f"QuestionnaireResponse/{qr['id']}" in written and any(w.startswith("Observation/") for w in written)
+    assert any(w.startswith("Task/") for w in written) and any(w.startswith("Provenance/") for w in written)
 
 
 @pytest.mark.parametrize("path", ["/QuestionnaireResponse/nope", "/QuestionnaireResponse/nope/_history/1"])

@@ -102,7 +102,7 @@ def test_post_an_unfinished_response_with_a_red_flag(service: TestClient, patien
 def test_post_an_unfinished_response_without_a_red_flag_writes_nothing(service: TestClient, patient: str):
     qr = qr_for(patient, {**NO_FLAGS, "rf-saddle-numbness": None}, status="in-progress")
     answer = service.post("/QuestionnaireResponse", content=orjson.dumps(qr), headers=JSON)
-    assert answer.status_code == 200 and answer.json()["entry"] == []
+    assert answer.status_code == 200 and "Nothing was written" in answer.json()["issue"][0]["diagnostics"]
     assert found(service, "Observation", patient) == [] and found(service, "Task", patient) == []
 
 

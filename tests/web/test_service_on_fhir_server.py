@@ -28,16 +28,17 @@ def test_post_writes_to_the_fhir_server_once(service: TestClient, fhir: httpx.Cl
     first = service.post("/QuestionnaireResponse", content=body, headers=JSON)
     assert first.status_code == 201, first.text
     qr_id = orjson.loads(body)["id"]
-    assert first.headers["Location"].endswith(f"/QuestionnaireResponse/{qr_id}")
+    assert f"/QuestionnaireResponse/{qr_id}/_history/" in first.headers["Location"]
+    assert first.headers["ETag"] == f'W/"{first.json()["meta"]["versionId"]}"'
     assert fhir.get(f"/QuestionnaireResponse/{qr_id}").status_code == 200
     assert results(fhir, patient)["screening-outcome"]["valueCodeableConcept"]["coding"][0]["code"] == \
         "emergency-assessment"
     (review,) = tasks(fhir, patient)
     assert review["priority"] == "stat"
 
-    again = service.post("/QuestionnaireResponse", content=body, headers=JSON)
+    again = service.post("/QuestionnaireResponse", content=body, headers={**JSON, "Prefer": "return=OperationOutcome"})
     assert again.status_code == 200, again.text
-    locations = {e["response"]["location"] for e in again.json()["entry"]}
+    locations = {i["diagnostics"].split(":")[0] for i in again.json()["issue"][1:]}
     assert f"Task/{review['id']}" in locations
     assert len(results(fhir, patient)) == 7 and len(tasks(fhir, patient)) == 1
 
