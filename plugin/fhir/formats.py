@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -161,12 +163,21 @@ def warm_up() -> None:
     """Lowers the worker's CPU priority (the service's own process answers first when cores are
     scarce) and imports the R4B models once, so the first XML request does not pay for it."""
     os.nice(10)
+    parent = os.getppid()
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="parent-watch").start()
     from plugin.screening import data
 
     for resource_type in ("Questionnaire", "CodeSystem"):  # imports every model class a big answer uses
         for resource in data.definitions(resource_type):
             to_xml(resource)
     to_xml({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid"}]})
+
+
+def _exit_with(parent: int) -> None:
+    """A worker whose service was killed (SIGKILL, out of memory) ends too, instead of idling on as an orphan."""
+    while os.getppid() == parent:
+        time.sleep(2)
+    os._exit(0)
 
 
 def too_large(limit: int) -> Exception:

@@ -26,6 +26,7 @@ from plugin.web.service import service
 PAGE_SIZE = 25
 MAX_PAGE_SIZE = 100
 MAX_PAGES = 200  # each page reads the ones before it: older results are found by patient
+URGENT = ("stat", "asap", "urgent")
 URGENCY_RANK = {"emergency-assessment": 0, "urgent-assessment": 1, "indeterminate": 2, "test-hla-b27": 3,
                 "refer-rheumatology": 3, "no-referral-indicated": 4, "not-applicable": 4}
 
@@ -63,9 +64,12 @@ async def results(request: Request) -> Response:
 async def index(request: Request) -> Response:
     """Recent responses, for one patient (`?patient=Patient/x`) or everyone, a page at a time.
 
-    Newest first across pages (`?page=n`, by the store's own paging, so
-    results of the same moment are neither lost nor shown twice); within a
-    page the most urgent come first, so an emergency is never below a routine result.
+    Every open stat or urgent Task comes first, on every page, whatever the
+    age of its response: an emergency is never on page 2, and a red flag
+    written without a full screening (an unfinished or refused response)
+    is listed too. Then the results, newest first across pages (`?page=n`,
+    by the store's own paging, so results of the same moment are neither
+    lost nor shown twice), the most urgent first within a page.
     """
     svc = service(request)
     require_bearer(request, svc.settings.ingest_token)
@@ -83,7 +87,29 @@ async def index(request: Request) -> Response:
     rows.sort(key=lambda r: r["rank"])  # stable: the newest first within each urgency
     link = {"patient": patient, "count": str(count) if count != PAGE_SIZE else ""}
     older = "/results?" + urlencode({k: v for k, v in {**link, "page": str(number + 1)}.items() if v}) if more else None
-    return page("results_index.html", rows=rows, patient=patient, next_link=older, number=number)
+    urgent = await _needing_action(svc.store, patient)
+    return page("results_index.html", rows=rows, urgent=urgent, patient=patient, next_link=older, number=number)
+
+
+async def _needing_action(store: Store, patient: str) -> list[dict]:
+    """Open Tasks of priority stat, asap or urgent, the most urgent then the oldest first (one search)."""
+    params = {"status": ",".join(results_view.OPEN_TASK), "_count": str(MAX_PAGE_SIZE * 4)}
+    if patient:
+        params["patient"] = patient
+    found = await store.search_page("Task", params)
+    tasks = [e["resource"] for e in found.get("entry", []) if e.get("resource", {}).get("priority") in URGENT]
+    tasks.sort(key=lambda t: (results_view.task_rank(t), t.get("authoredOn", "")))
+    return [_urgent_row(t) for t in tasks]
+
+
+def _urgent_row(task: dict) -> dict:
+    response = (task.get("focus") or {}).get("reference", "")
+    tone = "emergency" if task["priority"] == "stat" else "urgent"
+    return {"tone": tone, "icon": results_view.ICONS.get(tone, "!"), "priority": task["priority"],
+            "what": (task.get("code") or {}).get("text") or "Task", "description": task.get("description", ""),
+            "date": task.get("authoredOn", ""), "patient": (task.get("for") or {}).get("reference", ""),
+            "link": f"/results/{response.removeprefix('QuestionnaireResponse/')}"
+            if response.startswith("QuestionnaireResponse/") else None}
 
 
 async def _page(store: Store, params: dict[str, str], number: int, count: int) -> tuple[list[dict], bool]:

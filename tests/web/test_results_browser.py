@@ -118,6 +118,9 @@ def test_d_the_index_puts_the_emergency_first_and_opens_it(visit: Visit):
     expect(rows.first).to_contain_text("Emergency assessment today")
     expect(rows.first).to_contain_text("Clinical review of red flags (stat)")
     expect(rows.nth(1)).to_contain_text("Indeterminate")
+    needs = page.get_by_role("region", name="Needs action now")  # open stat/urgent Tasks, above every page
+    expect(needs).to_contain_text("Clinical review of red flags (stat)")
+    assert top(page, ".needs-action") < top(page, "table.index")
     shot(page, "clinician-index")
     accessible(page, "results index")
     mine = open_results(visit, "/results?patient=Patient/amended")

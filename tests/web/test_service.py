@@ -31,6 +31,7 @@ from plugin.screening import data
 from plugin.screening.pipeline import Screener
 from plugin.settings import SERVICE_SETTINGS, ServiceSettings, service_settings
 from plugin.stores.sqlite import SqliteStore
+from tests.factory import response
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "questionnaires" / "examples"
@@ -1160,14 +1161,33 @@ def test_results_index_most_urgent_first_and_every_result_once_across_pages(clie
     seen = []
     for number in (1, 2, 3):
         page = client.get("/results", params={"count": "1", "page": str(number)}, headers=HTML).text
-        seen += re.findall(r'href="/results/(qr-[a-z-]+)"', page)
+        seen += re.findall(r'href="/results/(qr-[a-z-]+)"', page[page.index("All results"):])
         assert ("Older results" in page) == (number < 3)
     assert sorted(seen) == ["qr-emergency", "qr-indeterminate", "qr-no-referral"]
     one = stored(client, "QuestionnaireResponse")[0]["subject"]["reference"]
     mine = client.get("/results", params={"patient": one}, headers=HTML).text
-    assert len(re.findall(r'href="/results/qr-', mine)) == 1
+    assert len(re.findall(r'href="/results/qr-', mine[mine.index("All results"):])) == 1
     for bad in ({"count": "0"}, {"count": "abc"}, {"page": "0"}, {"count": "101"}):
         assert client.get("/results", params=bad).status_code == 400, bad
+
+
+def test_results_index_lists_every_open_urgent_task_first_on_every_page(client):
+    """An emergency is never on page 2, and a red flag from an unfinished response (no screening outcome, so no
+    row of its own) is listed too (safety case H27)."""
+    ingest(client, "qr-emergency.json")
+    unfinished = response({"rf-fever": True}, status="in-progress", id="unfinished-fever",
+                          subject={"reference": new_patient(client)})
+    assert post_json(client, "/QuestionnaireResponse", unfinished).status_code == 201
+    for name in ("qr-no-referral.json", "qr-refer-asas.json"):
+        ingest(client, name)
+    for number in ("1", "2", "3"):
+        html = client.get("/results", params={"count": "1", "page": number}, headers=HTML).text
+        section = html[html.index("Needs action now"):html.index("All results")]
+        stat, urgent = section.index("(stat)"), section.index("(urgent)")
+        assert stat < urgent and f'href="/results/{unfinished["id"]}"' in section
+    calm = client.get("/results", params={"patient": stored(client, "QuestionnaireResponse")[-1]["subject"][
+        "reference"]}, headers=HTML).text
+    assert "No open stat or urgent tasks for this patient." in calm
 
 
 def test_results_index_needs_the_token(settings):
