@@ -90,11 +90,11 @@ def server_now(base_url: str) -> str:
     return (parsedate_to_datetime(said) - timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def sync(base_url: str, home: Path, since: str | None = None) -> subprocess.CompletedProcess:
+def sync(base_url: str, home: Path, since: str | None = None, *flags: str) -> subprocess.CompletedProcess:
     """A sync with its state in `home`; `since` for its first run on a server other tests wrote to."""
     state = home / "sync-state.json"
     start = ["--since", since] if since and not state.exists() else []
-    return run_cli("sync", "--fhir-base-url", base_url, "--state", str(state), *start, home=home)
+    return run_cli("sync", "--fhir-base-url", base_url, "--state", str(state), *start, *flags, home=home)
 
 
 # -- 1. the FHIR server killed while responses are being submitted and notified ---------------------------
@@ -200,7 +200,7 @@ def test_fhir_server_killed_mid_stream_then_restarted_and_synced(tmp_path: Path,
 
 
 def test_sync_killed_midway_then_rerun_completes_without_duplicates(tmp_path: Path, fault_report, fhir_base_url):
-    n = 400  # two of sync's pages: killed in the second, it must not start again from zero
+    n, page = 100, "50"  # two of sync's pages: killed in the second, it must not start again from zero
     server = Session(fhir_base_url)
     with fhir_client(server.base_url) as fhir:
         patients = new_patients(fhir, 10)
@@ -210,7 +210,7 @@ def test_sync_killed_midway_then_rerun_completes_without_duplicates(tmp_path: Pa
     state = tmp_path / "sync-state.json"
     with (tmp_path / "sync.log").open("wb") as log:
         first = subprocess.Popen([*CLI, "sync", "--fhir-base-url", server.base_url, "--state", str(state),
-                                  "--since", since], cwd=ROOT, env=serve_env(tmp_path),
+                                  "--since", since, "--page-size", page], cwd=ROOT, env=serve_env(tmp_path),
                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     with fhir_client(server.base_url) as fhir:
         def written() -> int:
@@ -223,7 +223,7 @@ def test_sync_killed_midway_then_rerun_completes_without_duplicates(tmp_path: Pa
             kill_group(first)  # SIGKILL, holding the lock
         at_kill = on_server(server.base_url).verdict(bodies)
     started = time.monotonic()
-    rerun = sync(server.base_url, tmp_path)
+    rerun = sync(server.base_url, tmp_path, None, "--page-size", page)
     seconds = time.monotonic() - started
     assert rerun.returncode == 0, rerun.stderr
     assert b"another sync is running" not in rerun.stderr  # the dead process's lock went with it
@@ -232,7 +232,7 @@ def test_sync_killed_midway_then_rerun_completes_without_duplicates(tmp_path: Pa
     assert at_kill["exactly_one"] < n
     assert after == {"exactly_one": n, "lost": 0, "duplicated": 0, "incomplete": 0}, after
     assert counts.get("written", 0) == n - at_kill["exactly_one"]  # each transaction is all or nothing
-    assert sum(counts.values()) <= n - 200  # resumed from the saved watermark, not from the beginning
+    assert sum(counts.values()) <= n - int(page)  # resumed from the saved watermark, not from the beginning
     fault_report("sync SIGKILLed mid-way, rerun", responses=n, complete_at_kill=at_kill["exactly_one"],
                  partial_at_kill=at_kill["incomplete"],
                  rerun=counts, rerun_seconds=round(seconds, 1), lost=after["lost"], duplicated=after["duplicated"])

@@ -26,7 +26,7 @@ from plugin.screening.parsing import parse_body
 from plugin.screening.pipeline import Outcome, Screener, Settings, recorded
 from plugin.settings import service_settings
 from plugin.stores.store import Store, open_store
-from plugin.stores.sync import SyncBusy, default_state_file, sync
+from plugin.stores.sync import PAGE, SyncBusy, default_state_file, sync
 from plugin.stores.writeback import Written, prepare, publish, raise_refusal, save
 
 EXIT_SERVER = 1  # the FHIR server refused or could not be reached
@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     sync_ = commands.add_parser("sync", help="score responses on a FHIR server that lack current results")
     _server(sync_)
     sync_.add_argument("--since", help="start from this instant instead of the saved watermark (FHIR instant)")
+    sync_.add_argument("--page-size", type=_page_size, default=PAGE, metavar="N",
+                       help=f"responses read per query; the watermark is saved after each page (1-1000, "
+                            f"default {PAGE})")
     sync_.add_argument("--state", type=Path, default=None,
                        help="the watermark file (default: $XDG_STATE_HOME/backpain-screen/sync-state.json)")
     _strategy(sync_)
@@ -176,11 +179,18 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _page_size(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 1000:
+        raise argparse.ArgumentTypeError("must be a whole number from 1 to 1000")
+    return int(value)
+
+
 def _sync(args: argparse.Namespace, settings: Settings) -> int:
 
     async def run() -> Counter:
         async with _client(args) as client:
-            return await sync(client, Screener(settings), args.state or default_state_file(), args.since)
+            return await sync(client, Screener(settings), args.state or default_state_file(), args.since,
+                              args.page_size)
 
     try:
         counts = asyncio.run(run())

@@ -82,29 +82,31 @@ def write_state(path: Path, base_url: str, state: dict) -> None:
     os.replace(temporary, path)
 
 
-async def sync(client: Store, screener: Screener, state_file: Path, since: str | None = None) -> Counter:
-    """Handles every response updated since the watermark (or `since`); returns counts of what happened."""
+async def sync(client: Store, screener: Screener, state_file: Path, since: str | None = None,
+               page: int = PAGE) -> Counter:
+    """Handles every response updated since the watermark (or `since`), `page` responses at a time (the
+    watermark is saved after each); returns counts of what happened."""
     counts: Counter = Counter()
     with locked(state_file):
         state = read_state(state_file, client.base_url)
         if since:
             state = {"watermark": since, "seen": []}
         for url in screener.questionnaires:
-            state = await _sync_questionnaire(client, screener, url, state, counts,
+            state = await _sync_questionnaire(client, screener, url, state, counts, page,
                                               lambda s: write_state(state_file, client.base_url, s))
     return counts
 
 
 async def _sync_questionnaire(client: Store, screener: Screener, url: str, state: dict, counts: Counter,
-                              save: Callable[[dict], None]) -> dict:
-    """One pass over the responses since the watermark, following the server's pages, handled PAGE at a time.
+                              page: int, save: Callable[[dict], None]) -> dict:
+    """One pass over the responses since the watermark, following the server's pages, handled a page at a time.
 
     Following the pages (rather than asking again from the new watermark) is
     what gets past more than a page of responses stamped with one instant.
     """
     # A response names its Questionnaire with or without a version: every published form of the canonical.
     params = {"questionnaire": data.canonical_forms(url), "status": STATUSES, "_sort": "_lastUpdated",
-              "_count": str(PAGE)}
+              "_count": str(page)}
     if state["watermark"]:
         params["_lastUpdated"] = f"ge{state['watermark']}"
     seen = {tuple(x) for x in state["seen"]}
@@ -112,7 +114,7 @@ async def _sync_questionnaire(client: Store, screener: Screener, url: str, state
     async for qr in client.search("QuestionnaireResponse", params):
         if (qr["id"], qr.get("meta", {}).get("versionId")) not in seen:
             batch.append(qr)
-        if len(batch) == PAGE:
+        if len(batch) == page:
             state = await _handle(client, screener, batch, state, counts)
             save(state)
             batch = []
