@@ -362,7 +362,7 @@ def stampede(url: str, body: bytes, n: int = 20) -> list[httpx.Response]:
     def post(_: int) -> httpx.Response:
         with httpx.Client(timeout=60) as http:
             start.wait()
-            return http.post(url, content=body, headers=JSON)
+            return http.post(url, content=body, headers={**JSON, "Prefer": "return=OperationOutcome"})
 
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
         return list(pool.map(post, range(n)))
@@ -375,9 +375,9 @@ def summary(answers: list[httpx.Response]) -> tuple[Counter, set]:
     transaction ran also lists the Device and Provenance that transaction matched: those two are left out.
     """
     statuses = Counter(a.status_code for a in answers)
-    locations = {tuple(sorted(location for e in a.json()["entry"]
-                              if not (location := e["response"]["location"]).startswith(("Device/", "Provenance/"))))
-                 for a in answers if a.status_code in (200, 201)}
+    told = [[i["diagnostics"].split(":")[0] for i in a.json()["issue"][1:]]  # Prefer: return=OperationOutcome
+            for a in answers if a.status_code in (200, 201)]
+    locations = {tuple(sorted(x for x in places if not x.startswith(("Device/", "Provenance/")))) for places in told}
     return statuses, locations
 
 

@@ -372,7 +372,7 @@ def test_public_url_names_the_service_in_links(settings):
         assert entry["fullUrl"] == "https://screen.example.org/fhir/Questionnaire/back-pain-screening"
         qr = example("qr-refer-asas.json", new_patient(public))
         answer = post_json(public, "/QuestionnaireResponse", qr)
-        assert answer.headers["location"] == f"https://screen.example.org/fhir/QuestionnaireResponse/{qr['id']}"
+        assert answer.headers["location"] == f"https://screen.example.org/fhir/QuestionnaireResponse/{qr['id']}/_history/1"
 
 
 # -- $extract ------------------------------------------------------------------------------------------------
@@ -462,13 +462,15 @@ def test_post_writes_then_replay_writes_nothing(client):
     patient = new_patient(client)
     qr = example("qr-refer-asas.json", patient)
     expected = Screener().process(qr).bundle
-    first = post_json(client, "/QuestionnaireResponse", qr)
+    told = {"Prefer": "return=OperationOutcome"}  # where each result went, as FHIR's Prefer allows
+    first = post_json(client, "/QuestionnaireResponse", qr, told)
     assert first.status_code == 201, first.text
-    assert first.headers["location"] == f"http://testserver/QuestionnaireResponse/{qr['id']}"
-    bundle = first.json()
-    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "transaction-response"
-    assert all(e["response"]["status"] == "201 Created" for e in bundle["entry"])
-    locations = [e["response"]["location"] for e in bundle["entry"]]
+    assert first.headers["location"] == f"http://testserver/QuestionnaireResponse/{qr['id']}/_history/1"
+    outcome = first.json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"][0]["diagnostics"] == "Screening outcome: refer-rheumatology."
+    assert all(i["diagnostics"].endswith(": written.") for i in outcome["issue"][1:])
+    locations = [i["diagnostics"].split(":")[0] for i in outcome["issue"][1:]]
     assert f"QuestionnaireResponse/{qr['id']}" in locations
     observations = [e for e in expected["entry"] if e["resource"]["resourceType"] == "Observation"]
     assert sum(loc.startswith("Observation/") for loc in locations) == len(observations)
@@ -477,13 +479,14 @@ def test_post_writes_then_replay_writes_nothing(client):
     assert counts["Task"] == sum(e["resource"]["resourceType"] == "Task" for e in expected["entry"]) > 0
     assert {f"Observation/{o['id']}" for o in stored(client, "Observation")} <= set(locations)
 
-    again = post_json(client, "/QuestionnaireResponse", qr)
+    again = post_json(client, "/QuestionnaireResponse", qr, told)
     assert again.status_code == 200, again.text
-    assert again.headers["location"] == first.headers["location"]
-    replayed = [e["response"]["location"] for e in again.json()["entry"]]
+    assert again.headers["location"] == first.headers["location"] and again.headers["etag"] == 'W/"1"'
+    replayed = [i["diagnostics"].split(":")[0] for i in again.json()["issue"][1:]]
     results = ("QuestionnaireResponse/", "Observation/", "Task/")
     assert sorted(x for x in replayed if x.startswith(results)) == sorted(x for x in locations if x.startswith(results))
     assert set(replayed) <= set(locations)
+    assert all(i["diagnostics"].endswith("already there, unchanged.") for i in again.json()["issue"][1:])
     assert {t: count(client, t) for t in counts} == counts
 
 
