@@ -46,6 +46,24 @@ from plugin.web.service import Service, service
 
 TEMPLATES = Environment(loader=PackageLoader("plugin.web", "templates"), autoescape=select_autoescape(["html"]),
                         trim_blocks=True, lstrip_blocks=True)
+
+
+def readable_date(value: object) -> str:
+    """A FHIR date or dateTime as people read it: "3 Dec 2026, 07:43 UTC", "3 Dec 2026"; anything else (a
+    year alone, a value off the calendar) as it is."""
+    text = str(value or "")
+    try:
+        moment = datetime.fromisoformat(text)
+        if moment.tzinfo is not None:
+            moment = moment.astimezone(UTC)
+    except (ValueError, OverflowError):
+        return text
+    if "T" not in text:
+        return f"{moment.day} {moment:%b %Y}"
+    return f"{moment.day} {moment:%b %Y}, {moment:%H:%M}" + (" UTC" if moment.tzinfo is not None else "")
+
+
+TEMPLATES.filters["when"] = readable_date
 SCREENING_ID = "back-pain-screening"
 # Scoring needs a subject to point results at; an unsaved form's results go nowhere, so any name does.
 UNSAVED_SUBJECT = "Patient/unsaved-form"

@@ -105,8 +105,10 @@ async def _needing_action(store: Store, patient: str) -> list[dict]:
 def _urgent_row(task: dict) -> dict:
     response = (task.get("focus") or {}).get("reference", "")
     tone = "emergency" if task["priority"] == "stat" else "urgent"
+    first, _, rest = task.get("description", "").partition(". ")  # the rest (criteria, questions) folds away
     return {"tone": tone, "icon": results_view.ICONS.get(tone, "!"), "priority": task["priority"],
-            "what": (task.get("code") or {}).get("text") or "Task", "description": task.get("description", ""),
+            "what": (task.get("code") or {}).get("text") or "Task", "summary": first.rstrip(".") + ".",
+            "details": rest,
             "date": task.get("authoredOn", ""), "patient": (task.get("for") or {}).get("reference", ""),
             "link": f"/results/{response.removeprefix('QuestionnaireResponse/')}"
             if response.startswith("QuestionnaireResponse/") else None}

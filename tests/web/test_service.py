@@ -1188,6 +1188,7 @@ def test_results_index_lists_every_open_urgent_task_first_on_every_page(client):
         section = html[html.index("Needs action now"):html.index("All results")]
         stat, urgent = section.index("(stat)"), section.index("(urgent)")
         assert stat < urgent and f'href="/results/{unfinished["id"]}"' in section
+        assert re.search(r"since \d{1,2} [A-Z][a-z]{2} \d{4}, \d\d:\d\d UTC", section)  # a date people read
     calm = client.get("/results", params={"patient": stored(client, "QuestionnaireResponse")[-1]["subject"][
         "reference"]}, headers=HTML).text
     assert "No open stat or urgent tasks for this patient." in calm
