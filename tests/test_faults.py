@@ -37,7 +37,7 @@ from tests.fault_processes import (
     serving,
     wait_for,
 )
-from tests.fhir_helpers import CLI, ROOT, for_patient, total
+from tests.fhir_helpers import CLI, ROOT, for_patient, total, written_locations
 from tests.result_sets import in_store, on_server
 
 EXAMPLES = ["qr-refer-asas.json", "qr-no-referral.json", "qr-not-applicable.json", "qr-emergency.json",
@@ -375,8 +375,7 @@ def summary(answers: list[httpx.Response]) -> tuple[Counter, set]:
     transaction ran also lists the Device and Provenance that transaction matched: those two are left out.
     """
     statuses = Counter(a.status_code for a in answers)
-    told = [[i["diagnostics"].split(":")[0] for i in a.json()["issue"][1:]]  # Prefer: return=OperationOutcome
-            for a in answers if a.status_code in (200, 201)]
+    told = [written_locations(a.json()) for a in answers if a.status_code in (200, 201)]
     locations = {tuple(sorted(x for x in places if not x.startswith(("Device/", "Provenance/")))) for places in told}
     return statuses, locations
 

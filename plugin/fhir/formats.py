@@ -53,9 +53,10 @@ def return_preference(request: Request) -> str:
     """What a create answers with (FHIR RESTful API, `Prefer: return=`): `minimal`, `OperationOutcome` or
     `representation` (the default, as HAPI FHIR does)."""
     for part in request.headers.get("prefer", "").split(","):
-        name, _, value = part.strip().partition("=")
-        if name.strip().lower() == "return" and value.strip().strip('"') in ("minimal", "OperationOutcome"):
-            return value.strip().strip('"')
+        name, _, value = part.partition("=")
+        value = value.strip().strip('"')
+        if name.strip().lower() == "return" and value in ("minimal", "OperationOutcome"):
+            return value
     return "representation"
 
 

@@ -128,17 +128,15 @@ async def created_reply(request: Request, label: str, written: list[Written]) ->
     """The create's answer: the response as the store now holds it (read back, so its version is the store's)."""
     response_entry = next((w for w in written if w.location.startswith("QuestionnaireResponse/")), None)
     stored = await service(request).store.read(response_entry.location) if response_entry else None
-    results = written_outcome(label, written)
     if stored is None:  # an unfinished response without a red flag: read, not kept (SCREENING.md §4)
-        return formats.reply(results, formats.wanted(request))
-    version = stored["meta"]["versionId"]
-    headers = {"Location": f"{base_url(request)}/{response_entry.location}/_history/{version}",
+        return formats.reply(written_outcome(label, written), formats.wanted(request))
+    headers = {"Location": f"{base_url(request)}/{response_entry.location}/_history/{stored['meta']['versionId']}",
                **_version_headers(stored)}
     status = 201 if response_entry.status == "201" and response_entry.changed else 200
     preference = formats.return_preference(request)
     if preference == "minimal":
         return Response(status_code=status, headers=headers)
-    body = results if preference == "OperationOutcome" else stored
+    body = written_outcome(label, written) if preference == "OperationOutcome" else stored
     return formats.reply(body, formats.wanted(request), status, headers)
 
 

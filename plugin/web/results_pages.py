@@ -106,12 +106,16 @@ def _urgent_row(task: dict) -> dict:
     response = (task.get("focus") or {}).get("reference", "")
     tone = "emergency" if task["priority"] == "stat" else "urgent"
     first, _, rest = task.get("description", "").partition(". ")  # the rest (criteria, questions) folds away
-    return {"tone": tone, "icon": results_view.ICONS.get(tone, "!"), "priority": task["priority"],
+    return {"tone": tone, "icon": results_view.ICONS[tone], "priority": task["priority"],
             "what": (task.get("code") or {}).get("text") or "Task", "summary": first.rstrip(".") + ".",
-            "details": rest,
-            "date": task.get("authoredOn", ""), "patient": (task.get("for") or {}).get("reference", ""),
-            "link": f"/results/{response.removeprefix('QuestionnaireResponse/')}"
-            if response.startswith("QuestionnaireResponse/") else None}
+            "details": rest, "date": task.get("authoredOn", ""),
+            "patient": (task.get("for") or {}).get("reference", ""), "link": _results_link(response)}
+
+
+def _results_link(response: str) -> str | None:
+    """The results page of `QuestionnaireResponse/{id}` (none for a response named only by identifier)."""
+    return f"/results/{response.removeprefix('QuestionnaireResponse/')}" \
+        if response.startswith("QuestionnaireResponse/") else None
 
 
 async def _page(store: Store, params: dict[str, str], number: int, count: int) -> tuple[list[dict], bool]:
@@ -169,5 +173,5 @@ def _row(outcome: dict, tasks: dict[str, list[dict]], statuses: dict[str, str]) 
     return {"rank": URGENCY_RANK.get(code, 5), "tone": tone, "icon": results_view.ICONS[tone], "headline": headline,
             "code": code, "date": outcome.get("effectiveDateTime", ""), "status": statuses.get(response, ""),
             "patient": (outcome.get("subject") or {}).get("reference", ""), "tasks": open_tasks,
-            "link": f"/results/{response.removeprefix('QuestionnaireResponse/')}" if response else None}
+            "link": _results_link(response)}
 

@@ -15,6 +15,7 @@ from starlette.testclient import TestClient
 from plugin.app import create_app
 from plugin.screening import data
 from plugin.settings import ServiceSettings
+from tests.fhir_helpers import written_locations
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "questionnaires" / "examples"
 DEFINITION_TYPES = ["Questionnaire", "CodeSystem", "StructureDefinition", "OperationDefinition"]
@@ -146,7 +147,7 @@ def test_prefer_chooses_what_a_create_answers_with(client: TestClient, prefer: s
     issues = created.json()["issue"]
     assert created.json()["resourceType"] == "OperationOutcome" and all(i["severity"] == "information" for i in issues)
     assert issues[0]["diagnostics"] == "Screening outcome: refer-rheumatology."
-    written = [i["diagnostics"].split(":")[0] for i in issues[1:]]
+    written = written_locations(created.json())
     assert f"QuestionnaireResponse/{qr['id']}" in written and any(w.startswith("Observation/") for w in written)
     assert any(w.startswith("Task/") for w in written) and any(w.startswith("Provenance/") for w in written)
 

@@ -32,6 +32,7 @@ from plugin.screening.pipeline import Screener
 from plugin.settings import SERVICE_SETTINGS, ServiceSettings, service_settings
 from plugin.stores.sqlite import SqliteStore
 from tests.factory import response
+from tests.fhir_helpers import written_locations
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "questionnaires" / "examples"
@@ -470,7 +471,7 @@ def test_post_writes_then_replay_writes_nothing(client):
     assert outcome["resourceType"] == "OperationOutcome"
     assert outcome["issue"][0]["diagnostics"] == "Screening outcome: refer-rheumatology."
     assert all(i["diagnostics"].endswith(": written.") for i in outcome["issue"][1:])
-    locations = [i["diagnostics"].split(":")[0] for i in outcome["issue"][1:]]
+    locations = written_locations(outcome)
     assert f"QuestionnaireResponse/{qr['id']}" in locations
     observations = [e for e in expected["entry"] if e["resource"]["resourceType"] == "Observation"]
     assert sum(loc.startswith("Observation/") for loc in locations) == len(observations)
@@ -482,7 +483,7 @@ def test_post_writes_then_replay_writes_nothing(client):
     again = post_json(client, "/QuestionnaireResponse", qr, told)
     assert again.status_code == 200, again.text
     assert again.headers["location"] == first.headers["location"] and again.headers["etag"] == 'W/"1"'
-    replayed = [i["diagnostics"].split(":")[0] for i in again.json()["issue"][1:]]
+    replayed = written_locations(again.json())
     results = ("QuestionnaireResponse/", "Observation/", "Task/")
     assert sorted(x for x in replayed if x.startswith(results)) == sorted(x for x in locations if x.startswith(results))
     assert set(replayed) <= set(locations)

@@ -11,7 +11,7 @@ from starlette.testclient import TestClient
 
 from plugin.app import create_app
 from plugin.settings import ServiceSettings
-from tests.fhir_helpers import for_patient, results, tasks
+from tests.fhir_helpers import for_patient, results, tasks, written_locations
 
 JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
 
@@ -38,7 +38,7 @@ def test_post_writes_to_the_fhir_server_once(service: TestClient, fhir: httpx.Cl
 
     again = service.post("/QuestionnaireResponse", content=body, headers={**JSON, "Prefer": "return=OperationOutcome"})
     assert again.status_code == 200, again.text
-    locations = {i["diagnostics"].split(":")[0] for i in again.json()["issue"][1:]}
+    locations = set(written_locations(again.json()))
     assert f"Task/{review['id']}" in locations
     assert len(results(fhir, patient)) == 7 and len(tasks(fhir, patient)) == 1
 
