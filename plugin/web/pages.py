@@ -101,7 +101,7 @@ PATIENT_MESSAGES: dict[str, tuple[str, str, str]] = {
     "indeterminate": (
         "We need a few more answers",
         "Some questions were not answered, so we cannot say what your answers mean yet. "
-        "Your care team will look at them, or you can fill in the form again.", "calm"),
+        "Your care team will look at them, or you can fill in the form again.", "unknown"),  # amber: not all clear
 }
 URGENT_OUTCOMES = ("emergency-assessment", "urgent-assessment")
 

@@ -347,6 +347,7 @@ def test_h_a_result_never_reassures_about_unanswered_red_flags(visit: Visit):
         expect(unanswered).to_contain_text(text(link_id))
     expect(unanswered).not_to_contain_text(text("rf-saddle-numbness"))
     expect(page.get_by_text("No signs of inflammatory back pain")).to_have_count(0)
+    expect(page.locator("section.result")).to_have_class("result unknown")  # amber, never the all-clear green
     expect(page.get_by_role("heading", name="When to get help straight away")).to_be_visible()
 
 
