@@ -52,7 +52,7 @@ class BundleBuilder:
         self.tags = [{"system": systems.RULE_SET_TAG, "code": rule_set.tag}]
         self.device = self._device(plugin_version)
         self.device_ref = {"reference": self.device["fullUrl"], "display": "backpain-screen"}
-        self.tasks = {t.id: concept(t.code["system"], t.code["code"], t.code["display"]) for t in rule_set.tasks}
+        self.tasks = {t.id: _task_code(t.code) for t in rule_set.tasks}
 
     def _device(self, plugin_version: str) -> dict:
         value = f"backpain-screen-{plugin_version}-{self.rule_set.tag}"
@@ -289,3 +289,10 @@ def without_response(bundle: dict, reason: str) -> dict:
         return node
 
     return {**bundle, "entry": [repoint(e) for e in bundle["entry"] if e is not entry]}
+
+
+def _task_code(code: dict) -> dict:
+    """The Task's CodeableConcept: our coding first (readers match on it), then the verified standard ones."""
+    task_code = concept(code["system"], code["code"], code["display"])
+    task_code["coding"] += code["also"]
+    return task_code

@@ -74,4 +74,6 @@ def safety_netting(audience: str) -> str:
 
 
 def rule_files() -> list[dict]:
-    return [yaml.safe_load(p.read_text(encoding="utf-8")) for p in sorted(mappings_dir().glob("*.yaml"))]
+    """The rule files: the YAML files of mappings/ that name the Questionnaire they score (others are references)."""
+    files = [yaml.safe_load(p.read_text(encoding="utf-8")) for p in sorted(mappings_dir().glob("*.yaml"))]
+    return [raw for raw in files if "questionnaire" in raw]
