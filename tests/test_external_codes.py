@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from plugin.ehr import cds_cards, populate
-from plugin.screening import systems
+from plugin.screening import data, systems
 from plugin.screening.pipeline import Screener, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +52,7 @@ def definitions() -> list[dict]:
 
 def rule_files() -> list[Any]:
     return [yaml.safe_load(p.read_text(encoding="utf-8")) for p in sorted((ROOT / "mappings").glob("*.yaml"))
-            if p.name != "external-codes.yaml"]
+            if p.name not in data.REFERENCE_FILES]
 
 
 @cache

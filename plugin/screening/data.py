@@ -73,7 +73,11 @@ def safety_netting(audience: str) -> str:
     return " ".join(texts[0].split()) if texts else ""
 
 
+REFERENCE_FILES = frozenset({"external-codes.yaml"})  # mappings/ YAML that is not a rule file
+
+
 def rule_files() -> list[dict]:
-    """The rule files: the YAML files of mappings/ that name the Questionnaire they score (others are references)."""
-    files = [yaml.safe_load(p.read_text(encoding="utf-8")) for p in sorted(mappings_dir().glob("*.yaml"))]
-    return [raw for raw in files if "questionnaire" in raw]
+    """The rule files: every YAML file of mappings/ but the references (a misnamed rule file is still loaded,
+    and its checks say what is wrong, rather than being passed over)."""
+    paths = [p for p in sorted(mappings_dir().glob("*.yaml")) if p.name not in REFERENCE_FILES]
+    return [yaml.safe_load(p.read_text(encoding="utf-8")) for p in paths]

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from fhir.resources.R4B import get_fhir_model_class
 
-from plugin.screening import systems
+from plugin.screening import data, systems
 from plugin.screening.codesystem import results_codesystem
 from plugin.screening.pipeline import Screener, Settings
 
@@ -161,8 +161,8 @@ def result_codes() -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def rule_files() -> dict[str, dict]:
-    files = {p.name: yaml.safe_load(p.read_text(encoding="utf-8")) for p in sorted(MAPPINGS.glob("*.yaml"))}
-    return {name: raw for name, raw in files.items() if "questionnaire" in raw}
+    return {p.name: yaml.safe_load(p.read_text(encoding="utf-8")) for p in sorted(MAPPINGS.glob("*.yaml"))
+            if p.name not in data.REFERENCE_FILES}
 
 
 # -- every definition is valid FHIR R4 ------------------------------------------------
