@@ -21,7 +21,7 @@ from plugin.screening import narrative, systems
 from plugin.screening.checking import DATETIME
 from plugin.screening.identity import given_identifier, own_identifier, response_key, token, uuid5
 from plugin.screening.mappings import ResultSpec, RuleSet, TaskSpec
-from plugin.screening.observations import ObservationBuilder, Parts, coded, concept
+from plugin.screening.observations import ObservationBuilder, Parts, coded
 from plugin.screening.questionnaire import CompiledQuestionnaire
 from plugin.screening.scoring import Result, Scores
 from plugin.screening.timeline import on_timeline
@@ -31,7 +31,8 @@ ACTIVITY = {"completed": "CREATE", "amended": "UPDATE", "entered-in-error": "NUL
 PRELIMINARY = "preliminary"  # red flags of a response that is not completed, or was refused
 SCORED_STATUSES = frozenset(OBSERVATION_STATUS)
 NOTHING_TO_WRITE = {"resourceType": "Bundle", "type": "transaction"}  # an empty transaction (shared, read-only)
-CATEGORY = [{"coding": [{"system": systems.OBS_CATEGORY, "code": "survey", "display": "Survey"}]}]
+# The category is a routing code for software; a person reads the title and narrative instead.
+CATEGORY = [{"coding": [{"system": systems.OBS_CATEGORY, "code": "survey"}]}]
 AUTHOR = {"coding": [{"system": systems.PROVENANCE_TYPE, "code": "author", "display": "Author"}]}
 SOURCE_ROLE = "source"
 
@@ -51,7 +52,7 @@ class BundleBuilder:
         self.observations = ObservationBuilder(rule_set, item_codes, self.strategy)
         self.tags = [{"system": systems.RULE_SET_TAG, "code": rule_set.tag}]
         self.device = self._device(plugin_version)
-        self.device_ref = {"reference": self.device["fullUrl"], "display": "backpain-screen"}
+        self.device_ref = {"reference": self.device["fullUrl"]}  # the Device is in the same Bundle
         self.tasks = {t.id: _task_code(t.code) for t in rule_set.tasks}
 
     def _device(self, plugin_version: str) -> dict:
@@ -193,13 +194,13 @@ class BundleBuilder:
         if ctx.encounter:
             task["encounter"] = ctx.encounter
         if reason.spec.kind == "flags" and met:  # what raised it: it is cancelled only when each is answered "no"
-            task["input"] = [{"type": coded(systems.RESULTS, c.code, c.text), "valueBoolean": True}
+            task["input"] = [{"type": coded(systems.RESULTS, c.code), "valueBoolean": True}
                              for c, t in zip(reason.spec.criteria, reason.criteria) if t is True]
         task["authoredOn"] = ctx.now
         task["requester"] = self.device_ref
         task["reasonReference"] = outcome_ref
         task["text"] = narrative.text(narrative.document(
-            narrative.paragraph(self.tasks[spec.id]["text"], narrative.escape(description))))
+            narrative.paragraph(self.tasks[spec.id]["coding"][0]["display"], narrative.escape(description))))
         return _entry(tid, task, _create("Task", systems.SID_TASK, tid))
 
     def _provenance(self, results: list[dict], scores: Scores, ctx: _Context, status: str) -> dict:
@@ -293,6 +294,6 @@ def without_response(bundle: dict, reason: str) -> dict:
 
 def _task_code(code: dict) -> dict:
     """The Task's CodeableConcept: our coding first (readers match on it), then the verified standard ones."""
-    task_code = concept(code["system"], code["code"], code["display"])
+    task_code = coded(code["system"], code["code"], code["display"])
     task_code["coding"] += code["also"]
     return task_code
