@@ -8,17 +8,23 @@ set, the tests that can run on any server run against that one instead (see `any
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import orjson
 import pytest
 
+from tests.fault_processes import FhirServer
 from tests.fault_report import fault_report, pytest_terminal_summary  # noqa: F401 (a fixture and a hook)
 from tests.fhir_helpers import free_port
 from tests.hapi_helpers import HapiServer, hapi_server
+
+HAPI_FIXTURES = frozenset({"fhir_base_url", "smart_hapi", "killable_hapi"})
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,6 +48,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         _issuer_port["smart"] = free_port()
         _early["smart"] = HapiServer(AUTH_ISSUER=f"http://127.0.0.1:{_issuer_port['smart']}")
         _early["smart"].launch()
+    if "killable_hapi" in needed:  # the fault suite's own, on an H2 file (a minute or more to start)
+        _early["killable"] = FhirServer(Path(tempfile.mkdtemp(prefix="killable-hapi-")))
+        _early["killable"].launch()
 
 
 def pytest_sessionfinish() -> None:
@@ -62,9 +71,13 @@ def _running(key: str, **env: str) -> Iterator[HapiServer]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With FHIR_BASE_URL set, only the `any_server` suite runs (on that server): the others need the local
-    HAPI's own settings (validation, Subscriptions delivered here, SMART, a server to kill)."""
+    """Modules that need no HAPI run first, while the HAPIs launched at collection start (whole modules move,
+    in their own order, so module fixtures stay together). With FHIR_BASE_URL set, only the `any_server` suite
+    runs (on that server): the others need the local HAPI's own settings (validation, Subscriptions delivered
+    here, SMART, a server to kill)."""
     if not os.environ.get("FHIR_BASE_URL"):
+        on_hapi = {item.module for item in items if HAPI_FIXTURES & set(getattr(item, "fixturenames", ()))}
+        items.sort(key=lambda item: item.module in on_hapi)  # stable: the order within each group is kept
         return
     kept = [item for item in items if item.get_closest_marker("any_server")]
     config.hook.pytest_deselected(items=[item for item in items if item not in kept])
@@ -84,6 +97,23 @@ def fhir_base_url() -> Iterator[str]:
 class SmartHapi:
     base_url: str
     issuer_port: int  # the test OAuth server must listen here (tests/smart_helpers.py: authorization_server)
+
+
+@pytest.fixture
+def killable_hapi(tmp_path: Path) -> Iterator[FhirServer]:
+    """A HAPI of the test's own on an H2 file, to SIGKILL and start again: launched at collection when a selected
+    test needs it (else now), stopped and its files removed after the test."""
+    early = _early.pop("killable", None)
+    server = early or FhirServer(tmp_path)
+    if early is None:
+        server.launch()
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+        if early and early.database:  # its home is the temporary folder made at collection
+            shutil.rmtree(early.database.parent.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -45,16 +45,6 @@ class FhirServer(HapiServer):
         super().__init__(database=home / "hapi" / "fhir")
 
 
-@contextlib.contextmanager
-def fhir_server(home: Path) -> Iterator[FhirServer]:
-    server = FhirServer(home)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def serve_env(home: Path, **extra: str) -> dict[str, str]:
     """This environment without settings that would point `serve` elsewhere, plus the test's own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKPAIN_", "FHIR_"))}

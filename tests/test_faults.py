@@ -30,7 +30,6 @@ from tests.conftest import fhir_client
 from tests.fault_processes import (
     fault_proxy,
     faults,
-    fhir_server,
     kill_group,
     run_cli,
     serve_env,
@@ -155,10 +154,10 @@ def settled(base_url: str, bodies: dict[str, bytes], quiet: float = 5.0, timeout
     return False
 
 
-def test_fhir_server_killed_mid_stream_then_restarted_and_synced(tmp_path: Path, fault_report):
+def test_fhir_server_killed_mid_stream_then_restarted_and_synced(tmp_path: Path, fault_report, killable_hapi):
     n = 120  # HAPI validates every write: enough to be killed mid-stream, few enough for a busy machine
-    with fhir_server(tmp_path) as server, \
-            serving(tmp_path / "serve", "--fhir-base-url", server.base_url) as service:
+    server = killable_hapi
+    with serving(tmp_path / "serve", "--fhir-base-url", server.base_url) as service:
         with fhir_client(server.base_url) as fhir:
             patients = new_patients(fhir, 20)
         subscribed = run_cli("subscribe", "--fhir-base-url", server.base_url, "--endpoint",
@@ -263,7 +262,7 @@ def ingest_until_taken(base_url: str, body: bytes, counts: Counter) -> int:
 
 
 def test_latency_errors_and_resets_between_the_plugin_and_the_server(tmp_path: Path, fault_report, fhir_base_url):
-    n = 60
+    n = 40  # each way: over 100 requests through the proxy, so each of its six faults comes round several times
     server = Session(fhir_base_url)
     with fault_proxy(server.base_url, SCRIPT, "--latency", "50-200") as proxy, \
             serving(tmp_path / "serve", "--fhir-base-url", proxy) as service:
