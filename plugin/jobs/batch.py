@@ -14,10 +14,12 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from typing import BinaryIO, TextIO
+from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 import orjson
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 from plugin.jobs.bulk import Line
 from plugin.jobs.summary import headline, label_of, response_questionnaire, table
@@ -64,7 +66,9 @@ def chunks(items: Iterable, size: int = CHUNK) -> Iterator[list]:
         yield chunk
 
 
-_screener: Screener | None = None  # one per worker process, made once
+_screener: Screener | None = None  # one per process, made once (a forked worker inherits its parent's)
+
+Scored = tuple[bytes, list[str], list[str | None]]  # a chunk's output lines, each line's label, why it was bad
 
 
 def start_worker(settings: Settings) -> None:
@@ -72,9 +76,13 @@ def start_worker(settings: Settings) -> None:
     _screener = Screener(settings)
 
 
-def start_pool_worker(settings: Settings) -> None:
-    """A pool worker: also ends itself when the batch process is gone (killed, even by SIGKILL)."""
-    start_worker(settings)
+def start_pool_worker(settings: Settings, inherited: bool = False) -> None:
+    """A pool worker: also ends itself when the batch process is gone (killed, even by SIGKILL).
+
+    `inherited`: the pool's parent made its screener just before the pool forked this worker; use it.
+    """
+    if not (inherited and _screener is not None and _screener.settings == settings):  # (not forked: spawned)
+        start_worker(settings)
     parent = os.getppid()
 
     def watch() -> None:
@@ -90,20 +98,25 @@ def screener() -> Screener:
     return _screener
 
 
-def score_chunk(texts: list[bytes | None]) -> list[tuple[bytes, str, str | None]]:
-    """Per line: the Bundle or OperationOutcome (serialized), its label, and for a bad line why (no content)."""
-    out = []
+def score_chunk(texts: list[bytes | None]) -> Scored:
+    """The chunk's output as one blob (one line per input line): one object to hand back, not one per line."""
+    results, labels, whys = [], [], []
+    process_body = screener().process_body
     for text in texts:
         try:
             if text is None:
                 raise invalid("too-costly", TOO_LONG)
-            outcome = screener().process_body(text, "application/fhir+json")
+            outcome = process_body(text, "application/fhir+json")
         except InvalidInput as error:
-            out.append((orjson.dumps(error.to_fhir()), INVALID, error.summary()))
+            results.append(orjson.dumps(error.to_fhir()))
+            labels.append(INVALID)
+            whys.append(error.summary())
             continue
-        label = label_of(response_questionnaire(outcome.bundle), outcome.label)
-        out.append((orjson.dumps(outcome.bundle), label, None))
-    return out
+        results.append(orjson.dumps(outcome.bundle))
+        labels.append(label_of(response_questionnaire(outcome.bundle), outcome.label))
+        whys.append(None)
+    results.append(b"")  # the last line's newline
+    return b"\n".join(results), labels, whys
 
 
 def run_batch(lines: Iterable[Line], sink: BinaryIO, settings: Settings, workers: int = 1,
@@ -112,21 +125,24 @@ def run_batch(lines: Iterable[Line], sink: BinaryIO, settings: Settings, workers
     report = report or Report()
     bar = progress_bar(progress)
 
-    def emit(chunk: list[Line], scored: list[tuple[bytes, str, str | None]]) -> None:
-        sink.write(b"\n".join(result for result, _, _ in scored) + b"\n")
-        for line, (_, label, why) in zip(chunk, scored):
-            report.count(label)
+    def emit(chunk: list[Line], scored: Scored) -> None:
+        blob, labels, whys = scored
+        sink.write(blob)
+        report.counts.update(labels)
+        for line, why in zip(chunk, whys):
             if why:
                 report.problem(line, f"not scored: {why}")
         bar.update(len(chunk))
 
     batches = chunks(lines)
+    start_worker(settings)  # before the pool: forked workers inherit it instead of each loading the rules again
     if workers <= 1:
-        start_worker(settings)
         for chunk in batches:
             emit(chunk, score_chunk([line.text for line in chunk]))
     else:
-        with ProcessPoolExecutor(workers, initializer=start_pool_worker, initargs=(settings,)) as pool:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, initializer=start_pool_worker, initargs=(settings, True)) as pool:
             pending: deque[tuple[list[Line], Future]] = deque()
             for chunk in batches:
                 pending.append((chunk, pool.submit(score_chunk, [line.text for line in chunk])))
@@ -141,10 +157,22 @@ def run_batch(lines: Iterable[Line], sink: BinaryIO, settings: Settings, workers
     return report.counts
 
 
+class NoBar:
+    """What progress_bar gives when it is off (tqdm is not even imported)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def progress_bar(enabled: bool):  # returns a tqdm bar, imported lazily
+    if not enabled:
+        return NoBar()
     from tqdm import tqdm
 
-    return tqdm(unit=" QR", file=sys.stderr, disable=not enabled, mininterval=0.5)
+    return tqdm(unit=" QR", file=sys.stderr, mininterval=0.5)
 
 
 def summary(counts: Counter) -> str:
