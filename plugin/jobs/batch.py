@@ -8,8 +8,11 @@ line number (never its content) are reported on standard error.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -32,6 +35,7 @@ ORPHAN_CHECK = 1.0  # seconds between a worker's looks at whether its batch proc
 SHOWN = 50  # problems reported line by line; past that, only counted
 INVALID = "invalid"
 TOO_LONG = "This line is over the size limit."
+NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.EBADF, errno.ESPIPE, errno.EOPNOTSUPP}  # copy by hand instead
 
 
 class Report:
@@ -68,7 +72,9 @@ def chunks(items: Iterable, size: int = CHUNK) -> Iterator[list]:
 
 _screener: Screener | None = None  # one per process, made once (a forked worker inherits its parent's)
 
-Scored = tuple[bytes, list[str], list[str | None]]  # a chunk's output lines, each line's label, why it was bad
+# A chunk's output lines (each with its newline), their labels, and why each bad line was bad. Lines, not one
+# joined blob: a blob of megabytes is a fresh mapping to fault in each time, in the worker and in the batch process.
+Scored = tuple[list[bytes], list[str], list[str | None]]
 
 
 def start_worker(settings: Settings) -> None:
@@ -99,7 +105,7 @@ def screener() -> Screener:
 
 
 def score_chunk(texts: list[bytes | None]) -> Scored:
-    """The chunk's output as one blob (one line per input line): one object to hand back, not one per line."""
+    """The chunk's output lines, labels and problems: three lists to hand back, not a tuple per line."""
     results, labels, whys = [], [], []
     process_body = screener().process_body
     for text in texts:
@@ -108,15 +114,53 @@ def score_chunk(texts: list[bytes | None]) -> Scored:
                 raise invalid("too-costly", TOO_LONG)
             outcome = process_body(text, "application/fhir+json")
         except InvalidInput as error:
-            results.append(orjson.dumps(error.to_fhir()))
+            results.append(orjson.dumps(error.to_fhir(), option=orjson.OPT_APPEND_NEWLINE))
             labels.append(INVALID)
             whys.append(error.summary())
             continue
-        results.append(orjson.dumps(outcome.bundle))
+        results.append(orjson.dumps(outcome.bundle, option=orjson.OPT_APPEND_NEWLINE))
         labels.append(label_of(response_questionnaire(outcome.bundle), outcome.label))
         whys.append(None)
-    results.append(b"")  # the last line's newline
-    return b"\n".join(results), labels, whys
+    return results, labels, whys
+
+
+def score_chunk_to_file(texts: list[bytes | None], directory: str) -> tuple[str, list[str], list[str | None]]:
+    """In a pool worker: the chunk's output lines go to a file of their own, for the batch process to append.
+
+    Handing megabytes back through the pool's pipe cost more than scoring them (pickled, piped, unpickled,
+    each a fresh mapping to fault in); a file is appended to the output by the kernel (`os.sendfile`).
+    """
+    results, labels, whys = score_chunk(texts)
+    handle, path = tempfile.mkstemp(dir=directory, suffix=".ndjson")
+    with open(handle, "wb") as out:
+        out.writelines(results)
+    return path, labels, whys
+
+
+def append_file(sink: BinaryIO, path: str) -> None:
+    """Appends a chunk's file to the output and removes it (the kernel copies it where it can)."""
+    with open(path, "rb") as chunk:
+        os.unlink(path)
+        sink.flush()
+        if not _sendfile(sink, chunk):
+            shutil.copyfileobj(chunk, sink)
+
+
+def _sendfile(sink: BinaryIO, chunk: BinaryIO) -> bool:
+    """Whether the kernel appended the whole file; False when the output is not one it can send to."""
+    try:
+        out = sink.fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation: an in-memory sink
+        return False
+    size, sent = os.fstat(chunk.fileno()).st_size, 0
+    try:
+        while sent < size:
+            sent += os.sendfile(out, chunk.fileno(), sent, size - sent)
+    except OSError as error:
+        if sent or error.errno not in NO_SENDFILE:
+            raise  # a full disk, a closed pipe: as a write would
+        return False
+    return True
 
 
 def run_batch(lines: Iterable[Line], sink: BinaryIO, settings: Settings, workers: int = 1,
@@ -125,36 +169,43 @@ def run_batch(lines: Iterable[Line], sink: BinaryIO, settings: Settings, workers
     report = report or Report()
     bar = progress_bar(progress)
 
-    def emit(chunk: list[Line], scored: Scored) -> None:
-        blob, labels, whys = scored
-        sink.write(blob)
+    def count(chunk: list[Line], labels: list[str], whys: list[str | None]) -> None:
         report.counts.update(labels)
         for line, why in zip(chunk, whys):
             if why:
                 report.problem(line, f"not scored: {why}")
         bar.update(len(chunk))
 
-    batches = chunks(lines)
     start_worker(settings)  # before the pool: forked workers inherit it instead of each loading the rules again
     if workers <= 1:
-        for chunk in batches:
-            emit(chunk, score_chunk([line.text for line in chunk]))
+        for chunk in chunks(lines):
+            results, labels, whys = score_chunk([line.text for line in chunk])
+            sink.writelines(results)
+            count(chunk, labels, whys)
     else:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(workers, initializer=start_pool_worker, initargs=(settings, True)) as pool:
-            pending: deque[tuple[list[Line], Future]] = deque()
-            for chunk in batches:
-                pending.append((chunk, pool.submit(score_chunk, [line.text for line in chunk])))
-                if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
-                    done, future = pending.popleft()
-                    emit(done, future.result())
-            while pending:
-                done, future = pending.popleft()
-                emit(done, future.result())
+        for chunk, (path, labels, whys) in _pooled(lines, settings, workers):
+            append_file(sink, path)
+            count(chunk, labels, whys)
     bar.close()
     sink.flush()
     return report.counts
+
+
+def _pooled(lines: Iterable[Line], settings: Settings, workers: int) -> Iterator[tuple[list[Line], tuple]]:
+    """Each chunk with what a pool worker made of it, in order; a few chunks in flight per worker."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with (tempfile.TemporaryDirectory(prefix="backpain-batch-") as directory,
+          ProcessPoolExecutor(workers, initializer=start_pool_worker, initargs=(settings, True)) as pool):
+        pending: deque[tuple[list[Line], Future]] = deque()
+        for chunk in chunks(lines):
+            pending.append((chunk, pool.submit(score_chunk_to_file, [line.text for line in chunk], directory)))
+            if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
 
 
 class NoBar:
