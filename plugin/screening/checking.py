@@ -251,24 +251,25 @@ def _check_items(walk: _Walk, items: list, parent: str | None, path: str) -> Non
         # Fast path: a known item in its place, with its plain elements only: a group goes straight to its
         # children, an answerable item takes its one plainly valid answer (or none). Anything unusual falls
         # through to the slow path below, which says exactly what is wrong.
-        if (type(item) is dict and (link_id := item.get("linkId")).__class__ is str and link_id not in seen
-                and (fast := quick.get(link_id)) is not None and fast[0] == parent
-                and (text := item.get("text", "-")).__class__ is str and text):
-            key = fast[1]
-            if key is None:  # a group, checked as the slow path would before it walks the children
-                if (GROUP_KEYS.issuperset(item) and (children := item.get("item", NO_ITEMS)).__class__ is list
+        if (item.__class__ is dict and (link_id := item.get("linkId")).__class__ is str
+                and (fast := quick.get(link_id)) is not None and link_id not in seen):
+            parent_of, key, accept = fast
+            if parent_of != parent:
+                pass
+            elif key is None:  # a group, checked as the slow path would before it walks the children
+                if (GROUP_KEYS.issuperset(item) and _plain_text(item)
+                        and (children := item.get("item", NO_ITEMS)).__class__ is list
                         and walk.count <= MAX_ITEMS and len(walk.issues) < MAX_ISSUES):
                     seen.add(link_id)
                     _check_items(walk, children, link_id, f"{path}.item[{i}]")
                     continue
-            elif FAST_ITEM_KEYS.issuperset(item):
-                answers = item.get("answer")
+            elif (((answers := item.get("answer")) is not None and len(item) == 2)  # linkId and answer: the usual
+                  or (FAST_ITEM_KEYS.issuperset(item) and _plain_text(item))):
                 if answers is None:
                     seen.add(link_id)
                     continue
                 if (answers.__class__ is list and len(answers) == 1 and (answer := answers[0]).__class__ is dict
                         and len(answer) == 1 and (raw := answer.get(key)) is not None):
-                    accept = fast[2]
                     value = (raw if raw is True or raw is False else SLOW) if accept is None else accept(raw)
                     if value is not SLOW:
                         seen.add(link_id)
@@ -276,6 +277,12 @@ def _check_items(walk: _Walk, items: list, parent: str | None, path: str) -> Non
                         continue
         if _check_item(walk, item, parent, f"{path}.item[{i}]"):
             return
+
+
+def _plain_text(item: dict) -> bool:
+    """No text, or a non-empty string (the question as asked)."""
+    text = item.get("text", "-")
+    return text.__class__ is str and text != ""
 
 
 def _check_item(walk: _Walk, item: Any, parent: str | None, where: str) -> bool:
