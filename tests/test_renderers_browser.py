@@ -511,3 +511,25 @@ def test_age_is_prefilled_from_the_patients_birth_date(visit: Visit):
     expect(visit.renderer.number_field(visit.page, "age")).to_have_value(str(age))
     sent = written(visit.send("prefilled-age"))
     assert answers_of(sent["qr"]) == {"age": age}
+
+
+@pytest.mark.parametrize("renderer", [LhcForms()], indirect=True, ids=lambda r: r.name)
+def test_a_generic_sdc_engine_extracts_only_the_reported_age_as_an_observation(visit: Visit):
+    """SDC observation-based extraction, run by LHC-Forms itself (`extract: true`): the Questionnaire marks only
+    `age`, coded beside ours with LOINC 21612-7 (mappings/external-codes.yaml), so the engine makes one
+    Observation, of the age the patient gave, and none of the yes/no answers (whose codes are ours alone)."""
+    born = date(1979, 2, 3)
+    today = date.today()
+    age = today.year - born.year - ((today.month, today.day) < (born.month, born.day))
+    visit.open(birth_date=born.isoformat())
+    visit.answer({"rf-fever": False, "uveitis": True})
+    expect(visit.renderer.number_field(visit.page, "age")).to_have_value(str(age))
+    qr, bundle = visit.page.evaluate(
+        "window.LForms.Util.getFormFHIRData('QuestionnaireResponse', 'R4', undefined, {extract: true})")
+    assert answers_of(qr) == {"rf-fever": False, "uveitis": True, "age": age}
+    (observation,) = [entry["resource"] for entry in bundle["entry"]]
+    assert observation["resourceType"] == "Observation"
+    assert [(c["system"], c["code"]) for c in observation["code"]["coding"]] == [
+        ("https://backpain-screen.org/fhir/CodeSystem/screening-items", "age"), ("http://loinc.org", "21612-7")]
+    value = observation.get("valueQuantity", {}).get("value", observation.get("valueInteger"))
+    assert value == age, observation

@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 
 from plugin.screening import data, systems
+from plugin.screening.displays import concept_text, display
 from plugin.screening.identity import uuid5
 
 SERVICE_ID = "backpain-screening"
@@ -173,8 +174,7 @@ def criteria(observation: dict) -> tuple[list[str], list[str]]:
     """(criteria met, criteria not answered) of a result, by their display text."""
     met, unknown = [], []
     for component in _dicts(observation.get("component")):
-        name = next((c["display"] for c in _dicts(_get(component, "code", "coding"))
-                     if isinstance(c.get("display"), str) and c["display"]), None)
+        name = next((d for d in map(display, _dicts(_get(component, "code", "coding"))) if d), None)
         if not name:
             continue
         if component.get("valueBoolean") is True:
@@ -199,7 +199,7 @@ def task_card(task: dict, kind: Kind, latest: str | None, outcome: dict | None, 
     if from_latest:
         summary = kind.summary
     else:
-        label = " ".join(_text(_get(task, "code", "text")).split()) or kind.name
+        label = " ".join(_text(concept_text(task.get("code"))).split()) or kind.name
         summary = f"Earlier back-pain screening{_on(task.get('authoredOn'))} awaits a decision: {label}"
         if latest in BENIGN:
             # The latest screening found nothing: a referral or test decision is still owed, but not urgently.
@@ -255,7 +255,7 @@ FOOTER = (f"{data.safety_netting('clinician')}\n\n"
 
 def task_detail(task: dict, kind: Kind, reason: dict | None, latest: dict | None, when: str | None) -> str:
     """Markdown: the Task, the criteria met (and red flags not answered), the rule's source, what came later."""
-    code = _text(_get(task, "code", "text")) or kind.name
+    code = _text(concept_text(task.get("code"))) or kind.name
     lines = [f"**{_md(code)}** (priority {_md(_text(task.get('priority')) or 'routine')}), "
              f"from back-pain screening{_on(when)}.", ""]
     if reason is not None:
@@ -374,7 +374,7 @@ def _effective(observation: dict) -> str | None:
 
 
 def _display(observation: dict) -> str | None:
-    return _text(_get(observation, "valueCodeableConcept", "text")) or None
+    return _text(concept_text(observation.get("valueCodeableConcept"))) or None
 
 
 def _value_code(observation: dict) -> str | None:
@@ -382,7 +382,7 @@ def _value_code(observation: dict) -> str | None:
 
 
 def _display_code(observation: dict) -> str:
-    return _text(_get(observation, "code", "text")) or result_code(observation) or "result"
+    return _text(concept_text(observation.get("code"))) or result_code(observation) or "result"
 
 
 def _bullets(items: list[str]) -> list[str]:

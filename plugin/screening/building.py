@@ -20,8 +20,8 @@ from plugin import __version__
 from plugin.screening import narrative, systems
 from plugin.screening.checking import DATETIME
 from plugin.screening.identity import given_identifier, own_identifier, response_key, token, uuid5
-from plugin.screening.mappings import ResultSpec, RuleSet, TaskSpec
-from plugin.screening.observations import ObservationBuilder, Parts, coded, concept
+from plugin.screening.mappings import RuleSet, TaskSpec
+from plugin.screening.observations import CACHE_LIMIT, ObservationBuilder, Parts, coded
 from plugin.screening.questionnaire import CompiledQuestionnaire
 from plugin.screening.scoring import Result, Scores
 from plugin.screening.timeline import on_timeline
@@ -31,9 +31,11 @@ ACTIVITY = {"completed": "CREATE", "amended": "UPDATE", "entered-in-error": "NUL
 PRELIMINARY = "preliminary"  # red flags of a response that is not completed, or was refused
 SCORED_STATUSES = frozenset(OBSERVATION_STATUS)
 NOTHING_TO_WRITE = {"resourceType": "Bundle", "type": "transaction"}  # an empty transaction (shared, read-only)
-CATEGORY = [{"coding": [{"system": systems.OBS_CATEGORY, "code": "survey", "display": "Survey"}]}]
+# The category is a routing code for software; a person reads the title and narrative instead.
+CATEGORY = [{"coding": [{"system": systems.OBS_CATEGORY, "code": "survey"}]}]
 AUTHOR = {"coding": [{"system": systems.PROVENANCE_TYPE, "code": "author", "display": "Author"}]}
 SOURCE_ROLE = "source"
+OBSERVATION_SEARCH = f"identifier={systems.SID_OBSERVATION}|"  # + the identifier's value: the conditional create
 
 
 def instant(now: datetime) -> str:
@@ -50,9 +52,16 @@ class BundleBuilder:
         item_codes = {k: v.code for k, v in questionnaire.items.items() if v.code}
         self.observations = ObservationBuilder(rule_set, item_codes, self.strategy)
         self.tags = [{"system": systems.RULE_SET_TAG, "code": rule_set.tag}]
+        self.meta = {"tag": self.tags}
+        parts = self.observations.parts
+        # Which results the outcome lists as members (hasMember), and where the outcome is: the same every build.
+        self.members = [i for i, p in enumerate(parts) if not p.spec.members]
+        self.groupers = [i for i, p in enumerate(parts) if p.spec.members]
+        self.outcome_index = next(i for i, p in enumerate(parts) if p.spec.code == rule_set.outcome_result)
         self.device = self._device(plugin_version)
-        self.device_ref = {"reference": self.device["fullUrl"], "display": "backpain-screen"}
-        self.tasks = {t.id: concept(t.code["system"], t.code["code"], t.code["display"]) for t in rule_set.tasks}
+        self.device_ref = {"reference": self.device["fullUrl"]}  # the Device is in the same Bundle
+        self.tasks = {t.id: _task_code(t.code) for t in rule_set.tasks}
+        self.task_words: dict[tuple, tuple[str, dict, list | None]] = {}  # see _task_words
 
     def _device(self, plugin_version: str) -> dict:
         value = f"backpain-screen-{plugin_version}-{self.rule_set.tag}"
@@ -87,11 +96,13 @@ class BundleBuilder:
         when = instant(now)
         qr_entry, qr_ref = self._response_entry(qr, key)
         context = _Context(key, qr, qr_ref, OBSERVATION_STATUS[status], when)
-        observations = [self._observation(p, scores.results[p.spec.code], context) for p in self.observations.parts]
-        if any(p.spec.members for p in self.observations.parts):
-            _link_members(observations, [p.spec for p in self.observations.parts])
-        outcome_ref = _ref(next(o for o, p in zip(observations, self.observations.parts)
-                                if p.spec.code == self.rule_set.outcome_result))
+        results = scores.results
+        observations = [self._observation(p, results[p.spec.code], context) for p in self.observations.parts]
+        if self.groupers:
+            members = [_ref(observations[i]) for i in self.members]
+            for i in self.groupers:
+                observations[i]["resource"]["hasMember"] = members
+        outcome_ref = _ref(observations[self.outcome_index])
         tasks = [] if status == "entered-in-error" else [
             self._task(t, scores, context, outcome_ref) for t in scores.tasks]
         written = [qr_entry, *observations, *tasks]
@@ -143,25 +154,25 @@ class BundleBuilder:
     def _observation(self, parts: Parts, result: Result, ctx: _Context) -> dict:
         spec = parts.spec
         oid = uuid5(f"{ctx.key}|{spec.code}")
-        obs: dict[str, Any] = {
+        obs = {  # one literal: this runs for every result of every response
             "resourceType": "Observation",
-            "meta": {"tag": self.tags},
+            "meta": self.meta,
             "identifier": [{"system": systems.SID_OBSERVATION, "value": oid}],
             "status": ctx.status,
             "category": CATEGORY,
             "code": parts.code,
-            "subject": ctx.subject,
+            **ctx.about,
+            "issued": ctx.now,
+            "device": self.device_ref,
+            "method": parts.method,
+            "derivedFrom": ctx.derived,
+            **self.observations.findings(parts, result),
         }
-        if ctx.encounter:
-            obs["encounter"] = ctx.encounter
-        if ctx.authored:
-            obs["effectiveDateTime"] = ctx.authored
-        obs["issued"] = ctx.now
-        obs["device"] = self.device_ref
-        obs["method"] = parts.method
-        obs["derivedFrom"] = [ctx.qr_ref]
-        obs.update(self.observations.findings(parts, result))
-        return _entry(oid, obs, self._write("Observation", systems.SID_OBSERVATION, oid, ctx.status))
+        if ctx.status == "final":
+            request = {"method": "POST", "url": "Observation", "ifNoneExist": OBSERVATION_SEARCH + oid}
+        else:
+            request = self._write("Observation", systems.SID_OBSERVATION, oid, ctx.status)
+        return {"fullUrl": f"urn:uuid:{oid}", "resource": obs, "request": request}
 
     @staticmethod
     def _write(resource_type: str, system: str, value: str, status: str) -> dict:
@@ -173,14 +184,10 @@ class BundleBuilder:
     def _task(self, spec: TaskSpec, scores: Scores, ctx: _Context, outcome_ref: dict) -> dict:
         tid = uuid5(f"{ctx.key}|task|{spec.id}")
         reason = scores.results[scores.strategy if spec.reason == "strategy" else spec.reason]
-        met = [c.text for c, t in zip(reason.spec.criteria, reason.criteria) if t is True]
-        description = spec.description + (" Criteria met: " + "; ".join(met) + "." if met else "")
-        if reason.spec.kind == "flags":  # a reviewer must ask about the flags the patient left blank
-            blank = [c.text for c, t in zip(reason.spec.criteria, reason.criteria) if t is None]
-            description += " Not answered, ask the patient: " + "; ".join(blank) + "." if blank else ""
+        description, text, inputs = self._task_words(spec, reason)
         task: dict[str, Any] = {
             "resourceType": "Task",
-            "meta": {"tag": self.tags},
+            "meta": self.meta,
             "identifier": [{"system": systems.SID_TASK, "value": tid}],
             "status": "requested",
             "intent": "proposal",
@@ -192,15 +199,37 @@ class BundleBuilder:
         }
         if ctx.encounter:
             task["encounter"] = ctx.encounter
-        if reason.spec.kind == "flags" and met:  # what raised it: it is cancelled only when each is answered "no"
-            task["input"] = [{"type": coded(systems.RESULTS, c.code, c.text), "valueBoolean": True}
-                             for c, t in zip(reason.spec.criteria, reason.criteria) if t is True]
+        if inputs:
+            task["input"] = inputs
         task["authoredOn"] = ctx.now
         task["requester"] = self.device_ref
         task["reasonReference"] = outcome_ref
-        task["text"] = narrative.text(narrative.document(
-            narrative.paragraph(self.tasks[spec.id]["text"], narrative.escape(description))))
+        task["text"] = text
         return _entry(tid, task, _create("Task", systems.SID_TASK, tid))
+
+    def _task_words(self, spec: TaskSpec, reason: Result) -> tuple[str, dict, list | None]:
+        """A Task's description, narrative and inputs: the same for every response whose reason is in the same
+        state, so made once per state (shared, never mutated; at most CACHE_LIMIT states)."""
+        state = (spec.id, reason.criteria)
+        found = self.task_words.get(state)
+        if found is not None:
+            return found
+        criteria = reason.spec.criteria
+        met = [c.text for c, t in zip(criteria, reason.criteria) if t is True]
+        description = spec.description + (" Criteria met: " + "; ".join(met) + "." if met else "")
+        inputs = None
+        if reason.spec.kind == "flags":  # a reviewer must ask about the flags the patient left blank
+            blank = [c.text for c, t in zip(criteria, reason.criteria) if t is None]
+            description += " Not answered, ask the patient: " + "; ".join(blank) + "." if blank else ""
+            # what raised it: it is cancelled only when each is answered "no"
+            inputs = [{"type": coded(systems.RESULTS, c.code), "valueBoolean": True}
+                      for c, t in zip(criteria, reason.criteria) if t is True] or None
+        text = narrative.text(narrative.document(
+            narrative.paragraph(self.tasks[spec.id]["coding"][0]["display"], narrative.escape(description))))
+        found = description, text, inputs
+        if len(self.task_words) < CACHE_LIMIT:
+            self.task_words[state] = found
+        return found
 
     def _provenance(self, results: list[dict], scores: Scores, ctx: _Context, status: str) -> dict:
         digest = hashlib.sha1(orjson.dumps(scores_facts_digest(scores))).hexdigest()
@@ -227,14 +256,25 @@ def scores_facts_digest(scores: Scores) -> list:
 class _Context:
     """The parts of one response that every resource built for it repeats."""
 
-    __slots__ = ("authored", "encounter", "key", "now", "qr_ref", "status", "subject")
+    __slots__ = ("about", "authored", "derived", "encounter", "key", "now", "qr_ref", "status", "subject")
 
     def __init__(self, key: str, qr: dict, qr_ref: dict, status: str, now: str) -> None:
         self.key, self.qr_ref, self.status, self.now = key, qr_ref, status, now
+        self.derived = [qr_ref]  # every Observation's derivedFrom (shared, read-only)
         self.subject = {"reference": qr["subject"]["reference"]}
         encounter = qr.get("encounter")
         self.encounter = {"reference": encounter["reference"]} if encounter else None
         self.authored = qr.get("authored")
+        self.about = self._about()
+
+    def _about(self) -> dict:
+        """Subject, encounter and effective time, as every Observation has them (the absent ones left out)."""
+        about: dict[str, Any] = {"subject": self.subject}
+        if self.encounter:
+            about["encounter"] = self.encounter
+        if self.authored:
+            about["effectiveDateTime"] = self.authored
+        return about
 
     @classmethod
     def lenient(cls, key: str, qr: dict, qr_ref: dict, status: str, now: str) -> _Context:
@@ -245,14 +285,8 @@ class _Context:
             ctx.encounter = {"reference": encounter["reference"]}
         if isinstance(authored, str) and DATETIME.fullmatch(authored) and on_timeline(authored):
             ctx.authored = authored  # (a zone that takes it off the calendar would refuse the whole write)
+        ctx.about = ctx._about()
         return ctx
-
-
-def _link_members(observations: list[dict], specs: list[ResultSpec]) -> None:
-    members = [_ref(o) for o, s in zip(observations, specs) if not s.members]
-    for entry, spec in zip(observations, specs):
-        if spec.members:
-            entry["resource"]["hasMember"] = members
 
 
 def _entry(uuid: str, resource: dict, request: dict) -> dict:
@@ -289,3 +323,10 @@ def without_response(bundle: dict, reason: str) -> dict:
         return node
 
     return {**bundle, "entry": [repoint(e) for e in bundle["entry"] if e is not entry]}
+
+
+def _task_code(code: dict) -> dict:
+    """The Task's CodeableConcept: our coding first (readers match on it), then the verified standard ones."""
+    task_code = coded(code["system"], code["code"], code["display"])
+    task_code["coding"] += code["also"]
+    return task_code

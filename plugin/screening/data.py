@@ -108,10 +108,13 @@ def safety_netting(audience: str) -> str:
     return " ".join(texts[0].split()) if texts else ""
 
 
+REFERENCE_FILES = frozenset({"external-codes.yaml"})  # mappings/ YAML that is not a rule file
 # libyaml's parser when PyYAML has it (10x faster at start-up; the same safe constructor, so the same data)
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def rule_files() -> list[dict]:
-    return [yaml.load(p.read_text(encoding="utf-8"), Loader=SAFE_LOADER)
-            for p in sorted(mappings_dir().glob("*.yaml"))]
+    """The rule files: every YAML file of mappings/ but the references (a misnamed rule file is still loaded,
+    and its checks say what is wrong, rather than being passed over)."""
+    paths = [p for p in sorted(mappings_dir().glob("*.yaml")) if p.name not in REFERENCE_FILES]
+    return [yaml.load(p.read_text(encoding="utf-8"), Loader=SAFE_LOADER) for p in paths]

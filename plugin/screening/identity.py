@@ -15,13 +15,16 @@ import orjson
 from plugin.screening import systems
 
 NAMESPACE = bytes.fromhex("5f1b2a0e8c3d4b6a9e7f10213243a5b6")  # the plugin's UUIDv5 namespace
+_HASHED_NAMESPACE = hashlib.sha1(NAMESPACE)  # copied for each name: the namespace is hashed once
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}  # RFC 4122 variant bits
 
 
 def uuid5(name: str) -> str:
     """RFC 4122 version-5 UUID of `name` in the plugin's namespace (same as uuid.uuid5, faster)."""
-    h = hashlib.sha1(NAMESPACE + name.encode()).hexdigest()
-    variant = "89ab"[int(h[16], 16) & 3]
-    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}"
+    sha1 = _HASHED_NAMESPACE.copy()
+    sha1.update(name.encode())
+    h = sha1.hexdigest()
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 def response_key(qr: dict) -> str:

@@ -291,5 +291,6 @@ def _task(raw: dict, scope: Scope, codes: set[str], where: str) -> TaskSpec:
     _need(reason == "strategy" or reason in codes, f"{where}: reason must name a result")
     code = dict(raw["code"])
     code["system"] = systems.ALIASES.get(code["system"], code["system"])
+    code["also"] = tuple(dict(coding) for coding in code.get("also", ()))  # verified standard codings beside ours
     return TaskSpec(raw["id"], compile_rule(raw["when"], scope, f"{where}.when"), code, raw["priority"], reason,
                     " ".join(raw["description"].split()))

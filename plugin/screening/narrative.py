@@ -1,24 +1,27 @@
 """Readable XHTML narratives (Resource.text) for what the plugin writes.
 
-Pieces that do not depend on the response (row texts, citations) are
-escaped once when a builder is made; a narrative is then a string join.
+One template per kind of result: a bold title and summary, then the criteria
+named in groups by state ("Met: A; B. Not met: C. Not answered: D."), never
+a table row per criterion, and no citation (it is the Observation's
+`method.text`). Names are escaped once when a builder is made; a narrative is
+then a string join, made once per result state (observations.findings).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from html import escape
 
 OPEN = '<div xmlns="http://www.w3.org/1999/xhtml">'
 CLOSE = "</div>"
-STATE = {True: "met", False: "not met", None: "unknown (not answered)"}
-FLAG_STATE = {True: "PRESENT", False: "absent", None: "not answered"}
+# Group labels in the order they are read. A missing answer is never "not met" (SCREENING.md §2, H4, H19).
+CRITERION_GROUPS = ((True, "Met"), (False, "Not met"), (None, "Not answered"))
+FLAG_GROUPS = ((None, "Not answered, ask the patient"), (False, "Absent"))  # present flags lead the summary
+PARAGRAPH_END = "</p>"
 
 
 def text(div: str) -> dict:
     return {"status": "generated", "div": div}
-
-
-PARAGRAPH_END = "</p>"
 
 
 def intro(title: str) -> str:
@@ -31,31 +34,14 @@ def paragraph(title: str, summary: str) -> str:
     return intro(title) + summary + PARAGRAPH_END
 
 
-TABLE_END = "</tbody></table>"
-
-
-def table_head(head: tuple[str, ...]) -> str:
-    """Opens a table; its rows and TABLE_END follow."""
-    cells = "".join(f"<th>{escape(h)}</th>" for h in head)
-    return f"<table><thead><tr>{cells}</tr></thead><tbody>"
-
-
-def row(*cells: str) -> str:
-    return "<tr>" + "".join(f"<td>{escape(c)}</td>" for c in cells) + "</tr>"
-
-
-def source(citation: str) -> str:
-    return f"<p>Source: {escape(citation)}</p>"
-
-
-def criterion_rows(texts: list[str]) -> list[dict]:
-    """For each criterion, its row as met / not met / unknown."""
-    return [{truth: row(t, label) for truth, label in STATE.items()} for t in texts]
-
-
-def flag_rows(flags: list[tuple[str, str, str]]) -> list[dict]:
-    """For each (text, concern, urgency), its row as present / absent / not answered."""
-    return [{truth: row(t, label, f"{u}: {c}") for truth, label in FLAG_STATE.items()} for t, c, u in flags]
+def groups(named: Iterable[tuple[object, str]], labels: tuple[tuple[object, str], ...]) -> str:
+    """One paragraph naming each (state, escaped name) under its state's label, in label order; empty groups
+    are left out."""
+    by_state: dict[object, list[str]] = {}
+    for state, name in named:
+        by_state.setdefault(state, []).append(name)
+    found = [f"{label}: {'; '.join(by_state[state])}." for state, label in labels if state in by_state]
+    return f"<p>{' '.join(found)}</p>" if found else ""
 
 
 def document(*parts: str) -> str:

@@ -8,6 +8,7 @@ the findings of each state are made once and shared (never mutated).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,6 +18,11 @@ from plugin.screening.scoring import TRUTH_WORDS, Result
 
 UNKNOWN = {"coding": [{"system": systems.DATA_ABSENT, "code": "unknown", "display": "Unknown"}]}
 NOT_APPLICABLE = {"coding": [{"system": systems.DATA_ABSENT, "code": "not-applicable", "display": "Not Applicable"}]}
+# A component's reason carries the code only, like its own code: readers look names up (screening.displays).
+COMPONENT_ABSENT = {
+    None: {"coding": [{"system": systems.DATA_ABSENT, "code": "unknown"}]},
+    "not-applicable": {"coding": [{"system": systems.DATA_ABSENT, "code": "not-applicable"}]},
+}
 INTERPRETATION = {
     code: [{"coding": [{"system": systems.INTERPRETATION, "code": code, "display": display}]}]
     for code, display in INTERPRETATIONS.items()
@@ -24,15 +30,26 @@ INTERPRETATION = {
 TRUTH_INTERPRETATION = {True: INTERPRETATION["POS"], False: INTERPRETATION["NEG"], None: INTERPRETATION["IND"]}
 CACHE_LIMIT = 4096
 NA = "not-applicable"  # a component's state when its result does not apply
+# "Author X et al. Title. Journal 2009;68:784-8. Notes": who, and where it was published.
+PAPER = re.compile(r"(?P<who>[^.]+ et al\.) .+?\. (?P<where>[A-Z][A-Za-z ]* \d{4};\d+:\d+-\d+)")
 
 
-def coded(system: str, code: str, display: str) -> dict:
-    """A CodeableConcept of one Coding (components: the display says it all, the Bundle stays small)."""
-    return {"coding": [{"system": system, "code": code, "display": display}]}
+def coded(system: str, code: str, display: str | None = None) -> dict:
+    """A CodeableConcept of one Coding; components leave the display out (the published CodeSystem has it)."""
+    coding = {"system": system, "code": code}
+    if display:
+        coding["display"] = display
+    return {"coding": [coding]}
 
 
-def concept(system: str, code: str, display: str) -> dict:
-    return {**coded(system, code, display), "text": display}
+def short_citation(citation: str) -> str:
+    """A paper as author and journal reference (`Sieper J et al. Ann Rheum Dis 2009;68:784-8`), else as cited.
+
+    The full citation, with its notes, stays in mappings/ and in the published CodeSystem's definition
+    of the result's code; every Observation repeating it was most of its `method`.
+    """
+    paper = PAPER.match(citation)
+    return f"{paper['who']} {paper['where']}" if paper else citation
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,18 +61,18 @@ class Parts:
     method: dict
     components: tuple[dict[Any, dict], ...]  # per criterion: truth -> component
     terms: tuple[dict[Any, dict], ...]  # per score term: its component when unanswered (None) and its code
-    rows: tuple[dict[Any, str], ...]  # per criterion: truth -> narrative row
+    names: tuple[dict[Any, str], ...]  # per criterion: truth -> its escaped name in the narrative
+    groups: tuple[tuple[Any, str], ...]  # narrative: (truth, label) of the groups named after the summary
     intro: str  # narrative: the title, before the summary
-    head: str  # narrative table head
-    tail: str  # citation paragraph
+    tail: str  # narrative: what follows the groups (the outcome's safety-netting)
     cache: dict[tuple, dict]  # result state -> findings (see ObservationBuilder.findings)
 
 
 class ObservationBuilder:
     def __init__(self, rule_set: RuleSet, item_codes: dict[str, dict], strategy: str) -> None:
-        self.item_codes = item_codes
+        self.item_codes = {k: coded(v["system"], v["code"]) for k, v in item_codes.items()}
         self.values = {
-            code: (concept(systems.RESULTS, code, v["display"]), INTERPRETATION.get(v.get("interpretation")))
+            code: (coded(systems.RESULTS, code, v["display"]), INTERPRETATION.get(v.get("interpretation")))
             for code, v in rule_set.values.items()
         }
         self.parts = [self._parts(spec) for spec in rule_set.emitted(strategy)]
@@ -65,18 +82,16 @@ class ObservationBuilder:
                           if p.spec.code == rule_set.outcome_result else p for p in self.parts]
 
     def _parts(self, spec: ResultSpec) -> Parts:
-        code = concept(systems.RESULTS, spec.code, spec.title)
-        if spec.kind == "flags":
-            components = tuple(_flag_components(c.code, c.text, c.urgency) for c in spec.criteria)
-            rows = narrative.flag_rows([(c.text, c.concern or "", c.urgency or "") for c in spec.criteria])
-        else:
-            components = tuple(_components(coded(systems.RESULTS, c.code, c.text)) for c in spec.criteria)
-            rows = narrative.criterion_rows([c.text for c in spec.criteria])
-        also = tuple(_components(coded(systems.RESULTS, t.code, t.text)) for t in spec.also)
-        terms = tuple(_components({"coding": [self.item_codes[t.item]]}) for t in spec.terms)
-        head = ("Criterion", "Result", "Urgency") if spec.kind == "flags" else ("Criterion", "Result")
-        return Parts(spec, code, {"text": spec.citation}, components + also, terms, tuple(rows),
-                      narrative.intro(spec.title), narrative.table_head(head), narrative.source(spec.citation), {})
+        code = coded(systems.RESULTS, spec.code, spec.title)
+        flags = spec.kind == "flags"
+        components = tuple(_components(coded(systems.RESULTS, c.code), c.urgency if flags else None)
+                           for c in spec.criteria)
+        also = tuple(_components(coded(systems.RESULTS, t.code)) for t in spec.also)
+        terms = tuple(_components(self.item_codes[t.item]) for t in spec.terms)
+        names = tuple(_names(c.text, c.urgency if flags else None) for c in spec.criteria)
+        groups = narrative.FLAG_GROUPS if flags else narrative.CRITERION_GROUPS
+        return Parts(spec, code, {"text": short_citation(spec.citation)}, components + also, terms, names, groups,
+                     narrative.intro(spec.title), "", {})
 
     def findings(self, parts: Parts, result: Result) -> dict:
         """Value, interpretation, components and narrative: the same for every response in the same state.
@@ -96,9 +111,10 @@ class ObservationBuilder:
         components = [parts.components[i][t] for i, t in enumerate(states)] + _score_components(parts, result)
         if components:
             found["component"] = components
-        rows = [parts.rows[i][t] for i, t in enumerate(result.criteria)] if parts.rows else _score_rows(result)
+        named = (narrative.groups(((t, parts.names[i][t]) for i, t in enumerate(result.criteria)), parts.groups)
+                 if parts.names else _score_answers(result))
         found["text"] = narrative.text(narrative.document(
-            parts.intro, summary, narrative.PARAGRAPH_END, parts.head, *rows, narrative.TABLE_END, parts.tail))
+            parts.intro, summary, narrative.PARAGRAPH_END, named, parts.tail))
         if len(parts.cache) < CACHE_LIMIT:
             parts.cache[state] = found
         return found
@@ -125,17 +141,18 @@ class ObservationBuilder:
         obs["interpretation"] = TRUTH_INTERPRETATION[result.value]
         if result.value is None:
             obs["dataAbsentReason"] = UNKNOWN
-            return "none reported, but some were not answered: red flags cannot be ruled out."
+            return "none reported, but some were not answered: red flags <b>cannot be ruled out</b>."
         obs["valueBoolean"] = result.value
-        present = [c.text for c, t in zip(result.spec.criteria, result.criteria) if t is True]
-        return narrative.escape("present: " + "; ".join(present) + ".") if present else "none present."
+        present = [_flag_name(c.text, c.urgency, c.concern) for c, t in zip(result.spec.criteria, result.criteria)
+                   if t is True]
+        return "<b>PRESENT</b>: " + "; ".join(present) + "." if present else "none present."
 
     def _decision_value(self, obs: dict, result: Result) -> str:
         value, interpretation = self.values[result.value]
         obs["valueCodeableConcept"] = value
         if interpretation:
             obs["interpretation"] = interpretation
-        summary = value["text"]
+        summary = value["coding"][0]["display"]
         if result.spec.criteria:
             true, unknown = result.met
             summary += f" ({true} of {len(result.spec.criteria)} criteria met" + (
@@ -171,18 +188,27 @@ _VALUE_SETTERS = {
 }
 
 
-def _components(code: dict) -> dict[Any, dict]:
+def _components(code: dict, urgency: str | None = None) -> dict[Any, dict]:
+    """A criterion's component in each state; a red flag's carries its urgency."""
+    extra = {"extension": [{"url": systems.EXT_URGENCY, "valueCode": urgency}]} if urgency else {}
     return {
-        True: {"code": code, "valueBoolean": True},
-        False: {"code": code, "valueBoolean": False},
-        None: {"code": code, "dataAbsentReason": UNKNOWN},
-        NA: {"code": code, "dataAbsentReason": NOT_APPLICABLE},
+        True: {**extra, "code": code, "valueBoolean": True},
+        False: {**extra, "code": code, "valueBoolean": False},
+        None: {**extra, "code": code, "dataAbsentReason": COMPONENT_ABSENT[None]},
+        NA: {**extra, "code": code, "dataAbsentReason": COMPONENT_ABSENT[NA]},
     }
 
 
-def _flag_components(code: str, text: str, urgency: str | None) -> dict[Any, dict]:
-    urgency_ext = [{"url": systems.EXT_URGENCY, "valueCode": urgency}]
-    return {t: {"extension": urgency_ext, **c} for t, c in _components(coded(systems.RESULTS, code, text)).items()}
+def _names(text: str, urgency: str | None) -> dict[Any, str]:
+    """A criterion's escaped name in the narrative by state: an unanswered red flag says how urgent it is."""
+    name = narrative.escape(text)
+    return {True: name, False: name, None: f"{name} ({urgency})" if urgency else name}
+
+
+def _flag_name(text: str, urgency: str | None, concern: str | None) -> str:
+    """A present red flag, bold, with what it may mean and how urgent it is."""
+    why = "; ".join(w for w in (urgency, concern and f"possible {concern[0].lower()}{concern[1:]}") if w)
+    return f"<b>{narrative.escape(text)}</b>" + (f" ({narrative.escape(why)})" if why else "")
 
 
 def _score_components(parts: Parts, result: Result) -> list[dict]:
@@ -193,6 +219,10 @@ def _score_components(parts: Parts, result: Result) -> list[dict]:
     ]
 
 
-def _score_rows(result: Result) -> list[str]:
-    return [narrative.row(t.text, "not answered" if v is None else str(v))
-            for t, v in zip(result.spec.terms, result.inputs)]
+def _score_answers(result: Result) -> str:
+    """A score's narrative detail: each term's answer, then those left unanswered."""
+    given = [f"{narrative.escape(t.text)} {v}" for t, v in zip(result.spec.terms, result.inputs) if v is not None]
+    blank = [narrative.escape(t.text) for t, v in zip(result.spec.terms, result.inputs) if v is None]
+    found = ([f"Answers: {'; '.join(given)}."] if given else []) + ([f"Not answered: {'; '.join(blank)}."]
+                                                                      if blank else [])
+    return f"<p>{' '.join(found)}</p>" if found else ""

@@ -35,6 +35,7 @@ from plugin.fhir import formats
 from plugin.fhir.client import FhirError
 from plugin.observability import event
 from plugin.screening import data, references
+from plugin.screening.displays import concept_text
 from plugin.screening.identity import token
 from plugin.screening.outcome import InvalidInput, Issue, invalid
 from plugin.settings import ServiceSettings
@@ -64,6 +65,7 @@ def readable_date(value: object) -> str:
 
 
 TEMPLATES.filters["when"] = readable_date
+TEMPLATES.filters["name"] = concept_text  # a code's text, else its (published) display
 SCREENING_ID = "back-pain-screening"
 # Scoring needs a subject to point results at; an unsaved form's results go nowhere, so any name does.
 UNSAVED_SUBJECT = "Patient/unsaved-form"

@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from plugin.fhir import formats
 from plugin.screening import systems
+from plugin.screening.displays import concept_text
 from plugin.screening.outcome import InvalidInput, invalid
 from plugin.stores.store import Store
 from plugin.stores.writeback import prepare, read_states
@@ -107,7 +108,7 @@ def _urgent_row(task: dict) -> dict:
     tone = "emergency" if task["priority"] == "stat" else "urgent"
     first, _, rest = task.get("description", "").partition(". ")  # the rest (criteria, questions) folds away
     return {"tone": tone, "icon": results_view.ICONS[tone], "priority": task["priority"],
-            "what": (task.get("code") or {}).get("text") or "Task", "summary": first.rstrip(".") + ".",
+            "what": concept_text(task.get("code")) or "Task", "summary": first.rstrip(".") + ".",
             "details": rest, "date": task.get("authoredOn", ""),
             "patient": (task.get("for") or {}).get("reference", ""), "link": _results_link(response)}
 

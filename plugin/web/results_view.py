@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from plugin.screening.displays import concept_text, display
 from plugin.web import criteria
 
 RESULT_ORDER = ("red-flags", "referral-asas-2015", "referral-nice-ng65", "asas-ibp", "berlin-ibp", "spa-features",
@@ -137,7 +138,7 @@ def _flag_reasons(red_flags: dict, urgency: str) -> str:
         if component.get("valueBoolean") is True and urgency in urgencies:
             coding = component["code"]["coding"][0]
             concern = criteria.rule_facts().concerns.get(coding["code"], "a serious cause")
-            concerns.setdefault(concern, []).append(coding.get("display", coding["code"]).lower())
+            concerns.setdefault(concern, []).append((display(coding) or coding["code"]).lower())
     return "; ".join(f"possible {c[0].lower() + c[1:]} ({', '.join(flags)})" for c, flags in concerns.items())
 
 
@@ -152,12 +153,12 @@ def instrument(observation: dict, answers: dict[str, Any], questions: dict[str, 
     for component in observation.get("component", []):
         coding = component["code"]["coding"][0]
         state = criterion_state(component, coding["code"], answers)
-        found.append(Criterion(coding.get("display", coding["code"]), state, words.get(state, state)))
+        found.append(Criterion(display(coding) or coding["code"], state, words.get(state, state)))
     interpretation = ((observation.get("interpretation") or [{}])[0].get("coding") or [{}])[0]
     deciding = ()
     if interpretation.get("code") == "IND":
         deciding = _unanswered(observation, answers, questions)
-    return Instrument(code, observation["code"].get("text") or code, _value(observation),
+    return Instrument(code, concept_text(observation["code"]) or code, _value(observation),
                       interpretation.get("display"), observation.get("status", ""), tuple(found),
                       counts(found, words), deciding)
 
@@ -210,7 +211,8 @@ def _value(observation: dict) -> Any:
     if absent:  # "not applicable" (the instrument does not apply), never a bare "unknown"
         return absent.get("display", absent.get("code", "")).lower()
     if "valueCodeableConcept" in observation:
-        return observation["valueCodeableConcept"].get("text") or code_of({"code": observation["valueCodeableConcept"]})
+        value = observation["valueCodeableConcept"]
+        return concept_text(value) or code_of({"code": value})
     for key in ("valueInteger", "valueBoolean", "valueQuantity"):
         if key in observation:
             value = observation[key]

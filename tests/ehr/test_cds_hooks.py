@@ -355,6 +355,18 @@ def test_the_details_name_the_criteria_met(make_client, keys):
         assert update["resource"]["output"][0]["valueReference"]["identifier"] == order["identifier"][0]
 
 
+def test_the_hla_b27_order_is_a_lab_order_coded_loinc_26028_1(make_client, keys):
+    """A lab system routes the order by its LOINC code (mappings/external-codes.yaml); ours stays first."""
+    with make_client(strategy="nice-ng65") as client:
+        ingest(client, example("qr-nice-test-hla-b27.json", "Patient/p1"))
+        (card,) = cards_of(client, keys, hook())
+        order = card["suggestions"][0]["actions"][0]["resource"]
+        assert order["resourceType"] == "ServiceRequest"
+        assert [(c["system"], c["code"]) for c in order["code"]["coding"]] == [
+            (systems.RESULTS, "hla-b27-test"), ("http://loinc.org", "26028-1")]
+        assert order["category"][0]["coding"][0]["code"] == "108252007"
+
+
 @pytest.mark.parametrize("name", ["qr-no-referral.json", "qr-not-applicable.json", None])
 def test_no_card_when_there_is_nothing_to_say(client, keys, name):
     if name:

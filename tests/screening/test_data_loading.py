@@ -63,7 +63,7 @@ def test_no_cache_directory_still_validates(definitions: Path, monkeypatch: pyte
 
 
 def test_libyaml_reads_the_mappings_as_pyyaml_does() -> None:
-    paths = sorted(data.mappings_dir().glob("*.yaml"))
+    paths = [p for p in sorted(data.mappings_dir().glob("*.yaml")) if p.name not in data.REFERENCE_FILES]
     assert data.rule_files() == [yaml.safe_load(p.read_text(encoding="utf-8")) for p in paths]
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 import pytest
 from lxml import etree
+from markupsafe import escape
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
@@ -765,10 +766,17 @@ def test_results_page_for_a_clinician(client, name):
         assert html.count(f'<tr class="{state}">') == n, state
     # The outcome in words comes first, its code only as secondary detail.
     assert html.index(BANNERS[name]) < html.index(f"<code>{EXPECTED[name]}</code>") < html.index("<table")
+    # Every result, criterion and Task by its human name (criteria are stored as codes; the page names them).
+    published = {c["code"]: c["display"] for c in orjson.loads(
+        (ROOT / "questionnaires" / "screening-results.json").read_bytes())["concept"]}
     for observation in observations:
-        assert (observation["code"].get("text") or observation["code"]["coding"][0]["code"]) in html
+        assert observation["code"]["coding"][0]["display"] in html
+        for component in observation.get("component", []):
+            code = component["code"]["coding"][0]["code"]
+            assert str(escape(published[code])) in html, code  # as the template escapes it
+            assert f">{code}<" not in html, f"{code} shown as a code"
     for task in tasks:
-        assert task["code"]["text"] in html
+        assert task["code"]["coding"][0]["display"] in html
     if not tasks:
         assert "No tasks." in html
 
