@@ -84,6 +84,10 @@ register_url_convertor("fhir_id", FhirId())
 
 def routes() -> list:
     return [
+        # The busiest first: the router tries each route's pattern in turn (these two paths are literal,
+        # so no route after them could have matched them first; for the others the order is unchanged).
+        Route("/QuestionnaireResponse/$extract", api.extract, methods=["POST"]),
+        Route("/QuestionnaireResponse", api.ingest, methods=["POST"]),
         Route("/", pages.form_page, methods=["GET"]),
         Route("/form", pages.submitted, methods=["POST"]),
         Route("/form/progress", pages.progress, methods=["POST"]),
@@ -103,9 +107,7 @@ def routes() -> list:
         Route("/StructureDefinition/{id}", checked_id(api.read_definition), methods=["GET"]),
         Route("/OperationDefinition", api.search_definitions, methods=["GET"]),
         Route("/OperationDefinition/{id}", checked_id(api.read_definition), methods=["GET"]),
-        Route("/QuestionnaireResponse/$extract", api.extract, methods=["POST"]),
         Route("/QuestionnaireResponse/{id:fhir_id}/$extract", checked_id(api.extract_stored), methods=["POST"]),
-        Route("/QuestionnaireResponse", api.ingest, methods=["POST"]),
         Route("/QuestionnaireResponse/{id}", checked_id(api.notified_with_payload), methods=["PUT"]),
         Route("/QuestionnaireResponse/{id:fhir_id}", checked_id(api.read_stored), methods=["GET"]),
         Route("/QuestionnaireResponse/{id:fhir_id}/_history/{vid:fhir_id}", checked_id(api.read_stored),

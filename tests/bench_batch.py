@@ -1,7 +1,27 @@
 """Benchmark: `backpain-screen batch` over many responses, memory and throughput, for 1 and 2 workers.
 
+    python -m tests.bench_batch --speed [--n 20000] [--repeat 3]
     python -m tests.bench_batch [--n 1000000] [--workers 1,2] [--partition 0/1]
     python -m tests.bench_batch --upload 400
+
+With --speed (issue #17's rows), N responses are written to a file first, so
+no generator competes for the cores, and each repetition runs, back to back,
+whole processes from exec to exit:
+
+  (a) the floor: `python -c` that imports orjson, reads the input file line
+      by line, `orjson.loads` each line, and `orjson.dumps` the result
+      Bundle of that line, written to an output file (1 MiB buffer) with its
+      newline. The Bundles are the plugin's own output for the same lines,
+      made before the timed runs; the floor process loads them (the 500
+      distinct ones) first and reports how long that took, which is
+      subtracted: what is timed is start-up, reading, parsing the inputs,
+      serialising the outputs and writing them;
+  (b) `batch FILE -o OUT --workers 1`;
+  (c) `batch FILE -o OUT --workers 2`.
+
+(a) and (b) are pinned to one core, (c) to two. The table gives each row's
+median over the repetitions (seconds, responses/s, ratio to the floor of the
+same repetition, peak RSS) and the load average before each run.
 
 
 Responses are generated on the fly and piped into `batch - -o /dev/null`, so
@@ -107,6 +127,119 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+DEFAULT_N = 1_000_000
+POOL = 500  # distinct responses, cycled to make N lines
+# The floor process: what batch cannot do less than (see the module's docstring). argv: input, outputs, output.
+FLOOR = """
+import sys, time
+import orjson
+loads, dumps = orjson.loads, orjson.dumps
+start = time.perf_counter()
+with open(sys.argv[2], "rb") as made:
+    bundles = [loads(line) for line in made]
+untimed = time.perf_counter() - start
+with open(sys.argv[1], "rb") as source, open(sys.argv[3], "wb", buffering=1 << 20) as out:
+    for i, line in enumerate(source):
+        loads(line)
+        out.write(dumps(bundles[i % len(bundles)]))
+        out.write(b"\\n")
+print(untimed)  # seconds spent loading the Bundles: not timed
+"""
+
+
+@dataclass(frozen=True)
+class Timed:
+    """One whole process: wall seconds (less any untimed set-up it reports), peak RSS, CPU."""
+
+    seconds: float
+    peak_mb: float  # the process itself
+    worker_mb: list[float]  # its children (batch's pool workers)
+    cpu_seconds: float
+    load: float  # 1-minute load average just before
+
+
+def timed_process(cmd: list[str], cpus: set[int], stdout: int | None = None) -> tuple[Timed, bytes]:
+    """Runs cmd pinned to `cpus`, polling the peak RSS of it and its children until it exits."""
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    peaks: dict[int, int] = {}
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        for child in [proc.pid, *children(proc.pid)]:
+            peaks[child] = max(peaks.get(child, 0), peak_rss_kb(child))
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"{cmd[2:4]} exited with {proc.returncode}: {err.decode()[-500:]}")
+    main_kb = max(peaks.pop(proc.pid, 0), usage.ru_maxrss)
+    return Timed(elapsed, main_kb / 1024, [v / 1024 for v in peaks.values()], usage.ru_utime + usage.ru_stime,
+                 load), out
+
+
+def speed_runs(n: int, repeat: int) -> None:
+    """Issue #17's batch rows: the floor, one worker and two, over one file, `repeat` times in turn."""
+    import statistics
+    import tempfile
+
+    cores = sorted(os.sched_getaffinity(0))
+    one, two = {cores[-1]}, set(cores[-2:])
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        source, made, out = work / "in.ndjson", work / "made.ndjson", work / "out.ndjson"
+        pool = sample_lines(POOL)
+        with source.open("wb") as handle:
+            for i in range(n):
+                handle.write(pool[i % POOL] + b"\n")
+        batch = [sys.executable, "-m", "plugin.jobs.cli", "batch", str(source), "-o", str(out), "--workers"]
+        timed_process([*batch, "1"], one)  # warm-up (caches), and the Bundles the floor serialises
+        with out.open("rb") as results, made.open("wb") as first:
+            for _ in range(POOL):
+                first.write(results.readline())
+        sizes = source.stat().st_size / n, out.stat().st_size / n
+        rows: dict[str, list[Timed]] = {"floor": [], "1": [], "2": []}
+        for turn in range(repeat):
+            floor, printed = timed_process([sys.executable, "-c", FLOOR, str(source), str(made), str(out)], one)
+            rows["floor"].append(Timed(floor.seconds - float(printed), floor.peak_mb, [], floor.cpu_seconds,
+                                       floor.load))
+            for workers in ("1", "2"):
+                run, _ = timed_process([*batch, workers], one if workers == "1" else two)
+                lines = sum(1 for _ in out.open("rb"))
+                if lines != n:
+                    raise SystemExit(f"--workers {workers} wrote {lines} lines, not {n}")
+                rows[workers].append(run)
+            out.unlink()
+            floor_s, one_s, two_s = (rows[key][-1].seconds for key in rows)
+            print(f"turn {turn + 1}: floor {floor_s:.2f} s, 1 worker {one_s:.2f} s ({one_s / floor_s:.2f}x), "
+                  f"2 workers {two_s:.2f} s ({one_s / two_s:.2f}x faster); load "
+                  f"{', '.join(f'{r[-1].load:.2f}' for r in rows.values())}", file=sys.stderr)
+
+    def median(values: list[float]) -> float:
+        return statistics.median(values)
+
+    floors = [r.seconds for r in rows["floor"]]
+    print(f"{n:,} responses ({sizes[0] / 1000:.1f} kB in, {sizes[1] / 1000:.1f} kB out each), {repeat} repetitions, "
+          f"medians; cores {cores}\n")
+    print("| process | seconds | responses/s | ratio to the floor | CPU s | peak RSS MB (workers) | load before |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    names = {"floor": "(a) floor: orjson loads the inputs, dumps the outputs, writes them",
+             "1": "(b) `batch FILE -o OUT --workers 1`", "2": "(c) `batch FILE -o OUT --workers 2` (2 cores)"}
+    for key, runs in rows.items():
+        ratio = median([r.seconds / f for r, f in zip(runs, floors)])
+        workers = [max(r.worker_mb[i] for r in runs) for i in range(min(len(r.worker_mb) for r in runs))]
+        print(f"| {names[key]} | {median([r.seconds for r in runs]):.2f} | {median([n / r.seconds for r in runs]):,.0f}"
+              f" | {ratio:.2f} | {median([r.cpu_seconds for r in runs]):.2f} | {max(r.peak_mb for r in runs):.0f}"
+              f"{' (' + ', '.join(f'{m:.0f}' for m in workers) + ')' if workers else ''}"
+              f" | {', '.join(f'{r.load:.2f}' for r in runs)} |")
+    scaling = median([a.seconds / b.seconds for a, b in zip(rows["1"], rows["2"])])
+    print(f"\n2 workers vs 1: {scaling:.2f}x faster (median of the per-repetition ratios)")
+
+
 UPLOAD_SETTINGS = (("1", "1"), ("1", "8"), ("2", "8"), ("1", "16"))  # (workers, concurrency)
 
 
@@ -159,11 +292,16 @@ def upload_runs(n: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--n", type=int, default=DEFAULT_N)
     parser.add_argument("--workers", default="1,2", help="worker counts to run in turn (default 1,2)")
     parser.add_argument("--partition", default="0/1", help="passed to batch (a partition reads every line)")
     parser.add_argument("--upload", type=int, metavar="N", help="measure batch --upload of N responses instead")
+    parser.add_argument("--speed", action="store_true", help="issue #17's rows over a file (default --n 20000)")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions with --speed (default 3)")
     args = parser.parse_args()
+    if args.speed:
+        speed_runs(args.n if args.n != DEFAULT_N else 20_000, args.repeat)
+        return
     if args.upload:
         upload_runs(args.upload)
         return

@@ -3,39 +3,37 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import orjson
 
 from plugin import __version__
-from plugin.ehr.subscribe import Change, check_endpoint, check_secret, report, subscribe
-from plugin.fhir.client import FhirClient, FhirError
-from plugin.jobs.batch import Report, progress_bar, run_batch, summary
-from plugin.jobs.bulk import BadInput, Line, Partition, check_readable, expand, owned
-from plugin.jobs.summary import as_json as summary_json
-from plugin.jobs.upload import FAILED, upload, upload_summary
-from plugin.screening.outcome import InvalidInput, invalid
-from plugin.screening.parsing import parse_body
-from plugin.screening.pipeline import Outcome, Screener, Settings, recorded
-from plugin.settings import service_settings
-from plugin.stores.store import Store, open_store
-from plugin.stores.sync import PAGE, SyncBusy, default_state_file, sync
-from plugin.stores.writeback import Written, prepare, publish, raise_refusal, save
+
+if TYPE_CHECKING:  # each command imports what it runs: `batch` need not load httpx, asyncio or the stores
+    from collections import Counter
+
+    from plugin.ehr.subscribe import Change
+    from plugin.jobs.bulk import Line, Partition
+    from plugin.screening.outcome import InvalidInput
+    from plugin.screening.pipeline import Outcome, Settings
+    from plugin.stores.store import Store
+    from plugin.stores.writeback import Written
 
 EXIT_SERVER = 1  # the FHIR server refused or could not be reached
 EXIT_BAD_INPUT = 2
 STRATEGIES = ("asas-2015", "nice-ng65")
+SYNC_PAGE = 200  # plugin.stores.sync.PAGE (a test keeps them equal), here so the parser need not import sync
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from plugin.screening.pipeline import Settings
+
     base = getattr(args, "fhir_base_url", None) or os.environ.get("FHIR_BASE_URL") or None
     settings = Settings(strategy=getattr(args, "strategy", None), fhir_base=base)  # publish has no strategy
     try:
@@ -97,9 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     sync_ = commands.add_parser("sync", help="score responses on a FHIR server that lack current results")
     _server(sync_)
     sync_.add_argument("--since", help="start from this instant instead of the saved watermark (FHIR instant)")
-    sync_.add_argument("--page-size", type=_page_size, default=PAGE, metavar="N",
+    sync_.add_argument("--page-size", type=_page_size, default=SYNC_PAGE, metavar="N",
                        help=f"responses read per query; the watermark is saved after each page (1-1000, "
-                            f"default {PAGE})")
+                            f"default {SYNC_PAGE})")
     sync_.add_argument("--state", type=Path, default=None,
                        help="the watermark file (default: $XDG_STATE_HOME/backpain-screen/sync-state.json)")
     _strategy(sync_)
@@ -129,12 +127,20 @@ def _server(parser: argparse.ArgumentParser) -> None:
 
 def _client(args: argparse.Namespace) -> Store:
     """The FHIR server when one is given (flag or environment), else the embedded store."""
+    from plugin.settings import service_settings
+    from plugin.stores.store import open_store
+
     chosen = service_settings(fhir_base_url=args.fhir_base_url, store_path=args.store)
     # batch --upload keeps `--concurrency` responses in flight, each a read and then a transaction
     return open_store(chosen, timeout=args.timeout, concurrency=max(8, getattr(args, "concurrency", 8)))
 
 
 def _publish(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from plugin.fhir.client import FhirError
+    from plugin.screening.pipeline import Screener
+    from plugin.stores.writeback import publish
 
     async def run() -> list[str]:
         async with _client(args) as client:
@@ -151,6 +157,14 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _submit(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from plugin.fhir.client import FhirError
+    from plugin.screening.outcome import InvalidInput
+    from plugin.screening.parsing import parse_body
+    from plugin.screening.pipeline import Screener
+    from plugin.stores.writeback import prepare, raise_refusal, save
+
     screener = Screener(settings)
 
     async def run() -> tuple[Outcome, list[Written]]:
@@ -186,6 +200,11 @@ def _page_size(value: str) -> int:
 
 
 def _sync(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from plugin.fhir.client import FhirError
+    from plugin.screening.pipeline import Screener
+    from plugin.stores.sync import SyncBusy, default_state_file, sync
 
     async def run() -> Counter:
         async with _client(args) as client:
@@ -207,6 +226,12 @@ def _sync(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _subscribe(args: argparse.Namespace, _: Settings) -> int:
+    import asyncio
+
+    from plugin.ehr.subscribe import check_endpoint, check_secret, report, subscribe
+    from plugin.fhir.client import FhirClient, FhirError
+    from plugin.settings import service_settings
+
     public_url = os.environ.get("BACKPAIN_PUBLIC_URL")
     endpoint = args.endpoint or (f"{public_url.rstrip('/')}/notify" if public_url else None)
     try:
@@ -250,7 +275,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     """uvicorn with uvloop and httptools; each worker builds the app from the environment, so flags go there."""
     import uvicorn
 
-    from plugin.settings import SERVICE_SETTINGS
+    from plugin.settings import SERVICE_SETTINGS, service_settings
     from plugin.web import slow_clients
 
     flags = {"host": args.host, "port": args.port, "workers": args.workers, "store_path": args.store,
@@ -278,6 +303,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 def _unopenable(path: Path) -> str | None:
     """Why the embedded store cannot be opened (read-only, no access), or None. A full disk is not refused
     here: the service starts, answers 503 while it lasts, and writes again when space returns."""
+    import asyncio
+
+    from plugin.fhir.client import FhirError
     from plugin.stores.sqlite import SqliteStore
 
     async def probe() -> None:
@@ -308,6 +336,9 @@ def _strategy(parser: argparse.ArgumentParser) -> None:
 
 
 def _score(args: argparse.Namespace, settings: Settings) -> int:
+    from plugin.screening.outcome import InvalidInput
+    from plugin.screening.pipeline import Screener, recorded
+
     screener = Screener(settings)
     try:
         body, content_type = _read(args.file, settings.max_body_bytes)
@@ -321,6 +352,8 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
 
 def _read(name: str, limit: int) -> tuple[bytes, str | None]:
     """Reads at most limit + 1 bytes, so an oversized file is refused without loading it."""
+    from plugin.screening.outcome import invalid
+
     if name == "-":
         return sys.stdin.buffer.read(limit + 1), None
     path = Path(name)
@@ -333,6 +366,8 @@ def _read(name: str, limit: int) -> tuple[bytes, str | None]:
 
 
 def _batch(args: argparse.Namespace, settings: Settings) -> int:
+    from plugin.jobs.bulk import BadInput, check_readable, expand, owned
+
     try:
         partition = _batch_options(args)
         inputs, other_files = expand(args.input)
@@ -353,6 +388,9 @@ def _batch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _batch_ndjson(args: argparse.Namespace, settings: Settings, lines: Iterator[Line]) -> int:
+    from plugin.jobs.batch import run_batch, summary
+    from plugin.jobs.summary import as_json as summary_json
+
     try:
         with ExitStack() as stack:  # closing the file is a write too: a failure there lands below as well
             try:
@@ -374,6 +412,8 @@ def _batch_ndjson(args: argparse.Namespace, settings: Settings, lines: Iterator[
 
 
 def _batch_options(args: argparse.Namespace) -> Partition:
+    from plugin.jobs.bulk import Partition
+
     if args.workers < 1 or args.concurrency < 1:
         raise ValueError("--workers and --concurrency must be 1 or more")
     if args.upload and args.output:
@@ -386,6 +426,13 @@ def _batch_options(args: argparse.Namespace) -> Partition:
 
 
 def _batch_upload(args: argparse.Namespace, settings: Settings, lines: Iterator[Line]) -> int:
+    import asyncio
+
+    from plugin.fhir.client import FhirError
+    from plugin.jobs.batch import Report, progress_bar
+    from plugin.jobs.summary import as_json as summary_json
+    from plugin.jobs.upload import FAILED, upload, upload_summary
+
     report = Report()
 
     async def run() -> None:

@@ -42,6 +42,8 @@ KIND_NAMES = {str: "string", dict: "object", list: "array"}
 ITEM_KEYS = frozenset({"id", "extension", "modifierExtension", "linkId", "definition", "text", "answer", "item",
                        "_linkId", "_definition", "_text"})
 FAST_ITEM_KEYS = frozenset({"linkId", "text", "answer"})  # anything else goes the careful way
+GROUP_KEYS = frozenset({"linkId", "text", "item"})  # the same for a group
+NO_ITEMS: list = []  # a group sent without children (read only)
 MODEL_ITEM_KEYS = frozenset({"id", "extension", "_linkId", "_definition", "_text"})  # judged by the R4 model
 ANSWER_KEYS = frozenset({"id", "extension", "modifierExtension", "item"})  # beside value[x] and _value[x]
 # The JSON shape of the item elements the checker does not read itself (they are written back as they came).
@@ -246,42 +248,63 @@ def _check_items(walk: _Walk, items: list, parent: str | None, path: str) -> Non
     quick, seen, facts = walk.q.quick, walk.seen, walk.facts
     for i, item in enumerate(items):
         walk.count += 1
-        # Fast path: one plainly valid answer (or none) to a known item in its place. Anything
-        # unusual falls through to the slow path below, which says exactly what is wrong.
-        if type(item) is dict and (link_id := item.get("linkId")).__class__ is str and link_id not in seen:
-            fast = quick.get(link_id)
-            if (fast is not None and fast[0] == parent and FAST_ITEM_KEYS.issuperset(item)
-                    and type(text := item.get("text", "-")) is str and text):
-                answers = item.get("answer")
+        # Fast path: a known item in its place, with its plain elements only: a group goes straight to its
+        # children, an answerable item takes its one plainly valid answer (or none). Anything unusual falls
+        # through to the slow path below, which says exactly what is wrong.
+        if (item.__class__ is dict and (link_id := item.get("linkId")).__class__ is str
+                and (fast := quick.get(link_id)) is not None and link_id not in seen):
+            parent_of, key, accept = fast
+            if parent_of != parent:
+                pass
+            elif key is None:  # a group, checked as the slow path would before it walks the children
+                if (GROUP_KEYS.issuperset(item) and _plain_text(item)
+                        and (children := item.get("item", NO_ITEMS)).__class__ is list
+                        and walk.count <= MAX_ITEMS and len(walk.issues) < MAX_ISSUES):
+                    seen.add(link_id)
+                    _check_items(walk, children, link_id, f"{path}.item[{i}]")
+                    continue
+            elif (((answers := item.get("answer")) is not None and len(item) == 2)  # linkId and answer: the usual
+                  or (FAST_ITEM_KEYS.issuperset(item) and _plain_text(item))):
                 if answers is None:
                     seen.add(link_id)
                     continue
-                if type(answers) is list and len(answers) == 1:
-                    answer = answers[0]
-                    if type(answer) is dict and len(answer) == 1 and (raw := answer.get(fast[1])) is not None:
-                        value = fast[2](raw)
-                        if value is not SLOW:
-                            seen.add(link_id)
-                            facts[link_id] = value
-                            continue
-        where = f"{path}.item[{i}]"
-        if walk.count > MAX_ITEMS or len(walk.issues) >= MAX_ISSUES:
-            if walk.count == MAX_ITEMS + 1:  # said once; the outer loops only count on
-                walk.problem("too-costly", f"More than {MAX_ITEMS} items: not a response to this form.", where)
+                if (answers.__class__ is list and len(answers) == 1 and (answer := answers[0]).__class__ is dict
+                        and len(answer) == 1 and (raw := answer.get(key)) is not None):
+                    value = (raw if raw is True or raw is False else SLOW) if accept is None else accept(raw)
+                    if value is not SLOW:
+                        seen.add(link_id)
+                        facts[link_id] = value
+                        continue
+        if _check_item(walk, item, parent, f"{path}.item[{i}]"):
             return
-        if not isinstance(item, dict):
-            walk.problem("structure", "Each item must be an object.", where)
-            continue
-        spec = _item_spec(walk, item, parent, where)
-        if spec is None:
-            continue
-        if spec.answer_key is None:
-            _check_group(walk, spec, item, where)
-        else:
-            before = len(walk.issues)
-            _check_answers(walk, spec, item, where)
-            if len(walk.issues) > before:
-                walk.bad.add(spec.link_id)
+
+
+def _plain_text(item: dict) -> bool:
+    """No text, or a non-empty string (the question as asked)."""
+    text = item.get("text", "-")
+    return text.__class__ is str and text != ""
+
+
+def _check_item(walk: _Walk, item: Any, parent: str | None, where: str) -> bool:
+    """The slow path: one item checked element by element, every problem said. True: stop this list."""
+    if walk.count > MAX_ITEMS or len(walk.issues) >= MAX_ISSUES:
+        if walk.count == MAX_ITEMS + 1:  # said once; the outer loops only count on
+            walk.problem("too-costly", f"More than {MAX_ITEMS} items: not a response to this form.", where)
+        return True
+    if not isinstance(item, dict):
+        walk.problem("structure", "Each item must be an object.", where)
+        return False
+    spec = _item_spec(walk, item, parent, where)
+    if spec is None:
+        return False
+    if spec.answer_key is None:
+        _check_group(walk, spec, item, where)
+    else:
+        before = len(walk.issues)
+        _check_answers(walk, spec, item, where)
+        if len(walk.issues) > before:
+            walk.bad.add(spec.link_id)
+    return False
 
 
 def _item_spec(walk: _Walk, item: dict, parent: str | None, where: str) -> ItemSpec | None:

@@ -59,7 +59,8 @@ class CompiledQuestionnaire:
     version: str
     items: dict[str, ItemSpec]
     conditional: tuple[ItemSpec, ...]  # the items that have an enableWhen
-    quick: dict[str, tuple]  # answerable linkId -> (parent, answer key, accept): the checker's hot path
+    # linkId -> (parent, answer key or None for a group, accept or None for a boolean): the checker's hot path
+    quick: dict[str, tuple]
 
     def answerable(self) -> dict[str, ItemSpec]:
         return {k: v for k, v in self.items.items() if v.answer_key}
@@ -69,7 +70,8 @@ def compile_questionnaire(resource: dict) -> CompiledQuestionnaire:
     items: dict[str, ItemSpec] = {}
     _walk(resource.get("item", []), None, items)
     conditional = tuple(spec for spec in items.values() if spec.enable_when)
-    quick = {k: (v.parent, v.answer_key, v.accept) for k, v in items.items() if v.accept}
+    quick = {k: (v.parent, v.answer_key, None if v.type == "boolean" else v.accept)
+             for k, v in items.items() if v.accept or v.type == "group"}
     return CompiledQuestionnaire(resource["url"], resource["version"], items, conditional, quick)
 
 
