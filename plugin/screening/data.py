@@ -47,8 +47,10 @@ def _published() -> tuple[dict, ...]:
     A hand-edited definition that is not valid FHIR R4 stops the plugin at
     start-up, before any response is scored against it. Validating takes a
     few tenths of a second (most of a `score` or a short `batch`), so the
-    digest of definitions that passed is remembered in the user's cache: the
-    same bytes with the same fhir.resources are not validated twice.
+    digest of definitions that passed is remembered in the user's cache by the
+    short-lived commands that ask for it (`score`, `batch`): the same bytes with
+    the same fhir.resources are not validated twice. The service never writes
+    it (its image's root filesystem is read-only), and validates once per start.
     """
     files = [(path, path.read_bytes()) for path in sorted(questionnaires_dir().glob("*.json"))]
     found = [orjson.loads(raw) for _, raw in files]
@@ -70,8 +72,20 @@ def _validate(path: Path, resource: dict) -> None:
         raise ValueError(f"{path.name} is not a valid FHIR R4 resource: {error}") from None
 
 
+_cache_validation = False  # set by remember_validation(): only short-lived commands gain from it
+
+
+def remember_validation() -> None:
+    """Lets this process keep (and trust) the user-cache marker of definitions that passed validation."""
+    global _cache_validation
+    _cache_validation = True
+
+
 def _validated_marker(files: list[tuple[Path, bytes]]) -> Path | None:
-    """Where the cache marks these definitions as valid (None when there is no cache directory)."""
+    """Where the cache marks these definitions as valid (None when there is no cache directory, or this
+    process did not ask for the cache)."""
+    if not _cache_validation:
+        return None
     import fhir.resources  # the package alone, not its models: cheap
 
     digest = hashlib.sha256(f"fhir.resources {fhir.resources.__version__}".encode())

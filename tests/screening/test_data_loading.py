@@ -28,6 +28,7 @@ def definitions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
     shutil.copytree(data.questionnaires_dir(), copy)
     monkeypatch.setattr(data, "questionnaires_dir", lambda: copy)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_cache_validation", True)  # as `score` and `batch` ask
     data._published.cache_clear()
     yield copy
     data._published.cache_clear()
@@ -39,6 +40,19 @@ def test_valid_definitions_are_validated_once(definitions: Path, monkeypatch: py
     data._published.cache_clear()
     monkeypatch.setattr(data, "_validate", lambda *_: pytest.fail("validated again"))
     assert data._published() == first
+
+
+def test_without_asking_nothing_is_written_and_every_start_validates(definitions: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service (a read-only root filesystem in its image) never asks: it writes no marker."""
+    monkeypatch.setattr(data, "_cache_validation", False)
+    validated: list[str] = []
+    monkeypatch.setattr(data, "_validate", lambda path, resource: validated.append(path.name))
+    data._published()
+    data._published.cache_clear()
+    data._published()
+    assert not (definitions.parent / "cache").exists()
+    assert len(validated) == 2 * len(list(definitions.glob("*.json")))
 
 
 def test_an_edited_definition_is_validated_again_and_refused(definitions: Path) -> None:
