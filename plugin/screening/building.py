@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from plugin import __version__
-from plugin.screening import narrative, systems
+from plugin.screening import criteria, narrative, systems
 from plugin.screening.checking import DATETIME
 from plugin.screening.identity import given_identifier, own_identifier, response_key, token, uuid5
 from plugin.screening.mappings import RuleSet, TaskSpec
@@ -166,7 +166,7 @@ class BundleBuilder:
             "device": self.device_ref,
             "method": parts.method,
             "derivedFrom": ctx.derived,
-            **self.observations.findings(parts, result),
+            **self.observations.findings(parts, result, ctx.answers),
         }
         if ctx.status == "final":
             request = {"method": "POST", "url": "Observation", "ifNoneExist": OBSERVATION_SEARCH + oid}
@@ -256,16 +256,24 @@ def scores_facts_digest(scores: Scores) -> list:
 class _Context:
     """The parts of one response that every resource built for it repeats."""
 
-    __slots__ = ("about", "authored", "derived", "encounter", "key", "now", "qr_ref", "status", "subject")
+    __slots__ = ("_answers", "about", "authored", "derived", "encounter", "key", "now", "qr", "qr_ref", "status",
+                 "subject")
 
     def __init__(self, key: str, qr: dict, qr_ref: dict, status: str, now: str) -> None:
-        self.key, self.qr_ref, self.status, self.now = key, qr_ref, status, now
+        self.key, self.qr, self.qr_ref, self.status, self.now = key, qr, qr_ref, status, now
+        self._answers: dict | None = None
         self.derived = [qr_ref]  # every Observation's derivedFrom (shared, read-only)
         self.subject = {"reference": qr["subject"]["reference"]}
         encounter = qr.get("encounter")
         self.encounter = {"reference": encounter["reference"]} if encounter else None
         self.authored = qr.get("authored")
         self.about = self._about()
+
+    def answers(self) -> dict:
+        """linkId -> first answer, read from the response the first time a narrative needs it."""
+        if self._answers is None:
+            self._answers = criteria.answers_of(self.qr)
+        return self._answers
 
     def _about(self) -> dict:
         """Subject, encounter and effective time, as every Observation has them (the absent ones left out)."""

@@ -1,7 +1,7 @@
 """Readable XHTML narratives (Resource.text) for what the plugin writes.
 
 One template per kind of result: a bold title and summary, then the criteria
-named in groups by state ("Met: A; B. Not met: C. Not answered: D."), never
+named in groups by state ("Met: A; B. Not met: C. Not tested: E. Not answered: D."), never
 a table row per criterion, and no citation (it is the Observation's
 `method.text`). Names are escaped once when a builder is made; a narrative is
 then a string join, made once per result state (observations.findings).
@@ -15,7 +15,8 @@ from html import escape
 OPEN = '<div xmlns="http://www.w3.org/1999/xhtml">'
 CLOSE = "</div>"
 # Group labels in the order they are read. A missing answer is never "not met" (SCREENING.md §2, H4, H19).
-CRITERION_GROUPS = ((True, "Met"), (False, "Not met"), (None, "Not answered"))
+UNTESTED = "untested"  # a clinician's test left empty: the rules count it not met, a reader must see why
+CRITERION_GROUPS = ((True, "Met"), (False, "Not met"), (UNTESTED, "Not tested"), (None, "Not answered"))
 FLAG_GROUPS = ((None, "Not answered, ask the patient"), (False, "Absent"))  # present flags lead the summary
 PARAGRAPH_END = "</p>"
 

@@ -9,10 +9,11 @@ the findings of each state are made once and shared (never mutated).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from plugin.screening import data, narrative, systems
+from plugin.screening import criteria, data, narrative, systems
 from plugin.screening.mappings import INTERPRETATIONS, ResultSpec, RuleSet
 from plugin.screening.scoring import TRUTH_WORDS, Result
 
@@ -65,6 +66,7 @@ class Parts:
     groups: tuple[tuple[Any, str], ...]  # narrative: (truth, label) of the groups named after the summary
     intro: str  # narrative: the title, before the summary
     tail: str  # narrative: what follows the groups (the outcome's safety-netting)
+    clinician_only: tuple[int, ...]  # criteria that read only clinician items: "not tested" when those are empty
     cache: dict[tuple, dict]  # result state -> findings (see ObservationBuilder.findings)
 
 
@@ -90,17 +92,23 @@ class ObservationBuilder:
         terms = tuple(_components(self.item_codes[t.item]) for t in spec.terms)
         names = tuple(_names(c.text, c.urgency if flags else None) for c in spec.criteria)
         groups = narrative.FLAG_GROUPS if flags else narrative.CRITERION_GROUPS
+        clinician_only = () if flags else tuple(i for i, c in enumerate(spec.criteria)
+                                                if criteria.is_clinician_only(c.code))
         return Parts(spec, code, {"text": short_citation(spec.citation)}, components + also, terms, names, groups,
-                     narrative.intro(spec.title), "", {})
+                     narrative.intro(spec.title), "", clinician_only, {})
 
-    def findings(self, parts: Parts, result: Result) -> dict:
+    def findings(self, parts: Parts, result: Result, answers: Callable[[], dict] | None = None) -> dict:
         """Value, interpretation, components and narrative: the same for every response in the same state.
+
+        `answers` (linkId -> value, asked only when a clinician-only criterion is not met) tells a test left
+        empty from a negative one: the narrative names it "Not tested", never "Not met" (H19).
 
         Responses repeat a limited number of states per result, so they are
         made once and reused (shared, never mutated); the cache stops growing
         at CACHE_LIMIT entries per result.
         """
-        state = (result.value, result.applies, result.criteria, result.also, result.inputs)
+        untested = _untested(parts, result, answers)
+        state = (result.value, result.applies, result.criteria, result.also, result.inputs, untested)
         found = parts.cache.get(state)
         if found is not None:
             return found
@@ -111,7 +119,8 @@ class ObservationBuilder:
         components = [parts.components[i][t] for i, t in enumerate(states)] + _score_components(parts, result)
         if components:
             found["component"] = components
-        named = (narrative.groups(((t, parts.names[i][t]) for i, t in enumerate(result.criteria)), parts.groups)
+        shown = [narrative.UNTESTED if i in untested else t for i, t in enumerate(result.criteria)]
+        named = (narrative.groups(((t, parts.names[i][t]) for i, t in enumerate(shown)), parts.groups)
                  if parts.names else _score_answers(result))
         found["text"] = narrative.text(narrative.document(
             parts.intro, summary, narrative.PARAGRAPH_END, named, parts.tail))
@@ -202,7 +211,16 @@ def _components(code: dict, urgency: str | None = None) -> dict[Any, dict]:
 def _names(text: str, urgency: str | None) -> dict[Any, str]:
     """A criterion's escaped name in the narrative by state: an unanswered red flag says how urgent it is."""
     name = narrative.escape(text)
-    return {True: name, False: name, None: f"{name} ({urgency})" if urgency else name}
+    return {True: name, False: name, narrative.UNTESTED: name, None: f"{name} ({urgency})" if urgency else name}
+
+
+def _untested(parts: Parts, result: Result, answers: Callable[[], dict] | None) -> tuple[int, ...]:
+    """The clinician-only criteria that are not met because their tests were left empty or not done."""
+    if answers is None or not any(result.criteria[i] is False for i in parts.clinician_only):
+        return ()
+    given = answers()
+    return tuple(i for i in parts.clinician_only
+                 if result.criteria[i] is False and criteria.untested(parts.spec.criteria[i].code, given))
 
 
 def _flag_name(text: str, urgency: str | None, concern: str | None) -> str:

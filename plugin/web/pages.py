@@ -35,13 +35,13 @@ from plugin.fhir import formats
 from plugin.fhir.client import FhirError
 from plugin.observability import event
 from plugin.screening import data, references
+from plugin.screening.criteria import rule_facts
 from plugin.screening.displays import concept_text
 from plugin.screening.identity import token
 from plugin.screening.outcome import InvalidInput, Issue, invalid
 from plugin.settings import ServiceSettings
 from plugin.stores.writeback import prepare, save
 from plugin.web import form
-from plugin.web.criteria import rule_facts
 from plugin.web.security import refused, same
 from plugin.web.service import Service, service
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from plugin.screening import criteria
+from plugin.screening.criteria import answers_of
 from plugin.screening.displays import concept_text, display
-from plugin.web import criteria
 
 RESULT_ORDER = ("red-flags", "referral-asas-2015", "referral-nice-ng65", "asas-ibp", "berlin-ibp", "spa-features",
                 "mechanical-pattern", "basdai")
@@ -84,20 +85,6 @@ class ResultsView:
     tasks: tuple[dict, ...]  # open first, most urgent first
     instruments: tuple[Instrument, ...]
     deciding: tuple[str, ...] = field(default=())
-
-
-def answers_of(qr: dict) -> dict[str, Any]:
-    """linkId -> the first answer's value (a choice's code)."""
-    found: dict[str, Any] = {}
-    stack = list(qr.get("item", []))
-    while stack:
-        item = stack.pop()
-        stack.extend(item.get("item", []))
-        for answer in item.get("answer", [])[:1]:
-            for key, value in answer.items():
-                if key.startswith("value"):
-                    found[item["linkId"]] = value.get("code") if isinstance(value, dict) else value
-    return found
 
 
 def code_of(resource: dict) -> str:

@@ -13,8 +13,9 @@ from html import escape
 import pytest
 
 from plugin.screening import systems
-from plugin.screening.pipeline import Outcome
+from plugin.screening.pipeline import Outcome, Screener
 from plugin.screening.scoring import Result
+from tests import factory
 from tests.bench_size import BASELINE, CEILING_MEDIAN, outcomes, size
 
 
@@ -87,6 +88,23 @@ def test_the_narrative_names_each_criterion_under_its_state() -> None:
             "(emergency; possible cauda equina syndrome).</p><p>Absent: New bladder or bowel dysfunction;"
             ) in divs["qr-emergency"]["red-flags"]
     assert "Source:" not in divs["qr-emergency"]["asas-ibp"]  # the citation is the method's, said once
+
+
+@pytest.mark.parametrize("hla_b27, crp, hla_group, crp_group", [
+    (None, "normal", "Not tested", "Not met"),  # left empty: the rules count it not met; it was not tested
+    ("not-tested", "not-tested", "Not tested", "Not tested"),
+    ("negative", None, "Not met", "Not tested"),
+])
+def test_a_test_left_empty_is_named_not_tested_never_not_met(hla_b27, crp, hla_group, crp_group) -> None:
+    """H19 in what an EHR shows: the SpA-features narrative tells a negative test from one never done."""
+    answers = {"pain-duration": "3m-1y", "onset-age": 30, "age": 34, "uveitis": False,
+               "hla-b27": hla_b27, "crp-elevated": crp}
+    outcome = Screener().process(factory.response(answers))
+    (div,) = [r["text"]["div"] for r in _observations(outcome) if r["code"]["coding"][0]["code"] == "spa-features"]
+    groups = dict(part.split(": ", 1) for part in div.split("</p><p>")[1].removesuffix("</p></div>").split(". ")
+                  if ": " in part)
+    assert "HLA-B27 positive" in groups[hla_group] and "Elevated CRP" in groups[crp_group], div
+    assert "Uveitis" in groups["Not met"], div  # a patient's "no" stays not met
 
 
 def _observations(outcome: Outcome) -> list[dict]:

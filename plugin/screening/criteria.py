@@ -1,5 +1,5 @@
-"""What the rules (mappings/, as data) say about each criterion, for the pages: which questions it reads,
-whether it rests on a clinician's test result only, and a red flag's urgency.
+"""What the rules (mappings/, as data) say about each criterion, for the pages and the narratives: which
+questions it reads, whether it rests on a clinician's test result only, and a red flag's urgency.
 
 The stored Observations say met / not met / unknown; the pages also say
 "not tested" (a clinician item left empty, which the rules count as not
@@ -75,3 +75,17 @@ def untested(code: str, answers: dict[str, Any]) -> bool:
     facts = rule_facts()
     return is_clinician_only(code) and all(
         answers.get(link_id) in (None, facts.not_tested[link_id]) for link_id in facts.items[code])
+
+
+def answers_of(qr: dict) -> dict[str, Any]:
+    """linkId -> the first answer's value (a choice's code)."""
+    found: dict[str, Any] = {}
+    stack = list(qr.get("item", []))
+    while stack:
+        item = stack.pop()
+        stack.extend(item.get("item", []))
+        for answer in item.get("answer", [])[:1]:
+            for key, value in answer.items():
+                if key.startswith("value"):
+                    found[item["linkId"]] = value.get("code") if isinstance(value, dict) else value
+    return found
