@@ -78,14 +78,15 @@ def untested(code: str, answers: dict[str, Any]) -> bool:
 
 
 def answers_of(qr: dict) -> dict[str, Any]:
-    """linkId -> the first answer's value (a choice's code)."""
+    """linkId -> the first answer's value (a choice's code). JSON nulls (which the check reads as absent) and
+    anything not shaped like an item are passed over: this also reads stored responses."""
     found: dict[str, Any] = {}
-    stack = list(qr.get("item", []))
+    stack = [item for item in qr.get("item") or () if isinstance(item, dict)]
     while stack:
         item = stack.pop()
-        stack.extend(item.get("item", []))
-        for answer in item.get("answer", [])[:1]:
-            for key, value in answer.items():
+        stack.extend(child for child in item.get("item") or () if isinstance(child, dict))
+        for answer in (item.get("answer") or [])[:1]:
+            for key, value in answer.items() if isinstance(answer, dict) else ():
                 if key.startswith("value"):
-                    found[item["linkId"]] = value.get("code") if isinstance(value, dict) else value
+                    found[item.get("linkId")] = value.get("code") if isinstance(value, dict) else value
     return found

@@ -107,5 +107,18 @@ def test_a_test_left_empty_is_named_not_tested_never_not_met(hla_b27, crp, hla_g
     assert "Uveitis" in groups["Not met"], div  # a patient's "no" stays not met
 
 
+def test_a_null_answer_is_read_as_no_answer_when_the_narrative_asks() -> None:
+    """JSON null where an answer list goes: the check reads it as absent, and so must the narrative's reading of
+    the answers (the fuzz test found a 500 here)."""
+    qr = factory.response({"pain-duration": "3m-1y", "onset-age": 30, "hla-b27": "negative"})
+    for group in qr["item"]:
+        for item in group.get("item", []):
+            if item["linkId"] == "hla-b27":
+                item["answer"] = None
+    outcome = Screener().process(qr)
+    (div,) = [r["text"]["div"] for r in _observations(outcome) if r["code"]["coding"][0]["code"] == "spa-features"]
+    assert "Not tested: HLA-B27 positive" in div
+
+
 def _observations(outcome: Outcome) -> list[dict]:
     return [e["resource"] for e in outcome.bundle["entry"] if e["resource"]["resourceType"] == "Observation"]
