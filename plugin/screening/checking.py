@@ -252,11 +252,9 @@ def _check_items(walk: _Walk, items: list, parent: str | None, path: str) -> Non
         # children, an answerable item takes its one plainly valid answer (or none). Anything unusual falls
         # through to the slow path below, which says exactly what is wrong.
         if (item.__class__ is dict and (link_id := item.get("linkId")).__class__ is str
-                and (fast := quick.get(link_id)) is not None and link_id not in seen):
-            parent_of, key, accept = fast
-            if parent_of != parent:
-                pass
-            elif key is None:  # a group, checked as the slow path would before it walks the children
+                and (fast := quick.get(link_id)) is not None and fast[0] == parent and link_id not in seen):
+            _, key, accept = fast
+            if key is None:  # a group, checked as the slow path would before it walks the children
                 if (GROUP_KEYS.issuperset(item) and _plain_text(item)
                         and (children := item.get("item", NO_ITEMS)).__class__ is list
                         and walk.count <= MAX_ITEMS and len(walk.issues) < MAX_ISSUES):

@@ -31,10 +31,6 @@ def mappings_dir() -> Path:
     return data_root() / "mappings"
 
 
-def read_json(path: Path) -> dict:
-    return orjson.loads(path.read_bytes())
-
-
 def definitions(resource_type: str) -> list[dict]:
     """Every published resource of one type (Questionnaire, CodeSystem), by file name order."""
     return [r for r in _published() if r["resourceType"] == resource_type]

@@ -22,10 +22,8 @@ def _published() -> dict[tuple[str, str], str]:
 
 def display(coding: object) -> str | None:
     """A coding's name: its own display, else its CodeSystem's, else None (not a coding, or unknown)."""
-    if not isinstance(coding, dict):
-        return None
-    own = coding.get("display")
-    if isinstance(own, str) and own:
+    own = _words(coding, "display")
+    if own or not isinstance(coding, dict):
         return own
     system, code = coding.get("system"), coding.get("code")
     return _published().get((system, code)) if isinstance(system, str) and isinstance(code, str) else None
@@ -33,10 +31,14 @@ def display(coding: object) -> str | None:
 
 def concept_text(concept: object) -> str | None:
     """A CodeableConcept's name: its text, else its first coding with a name."""
-    if not isinstance(concept, dict):
-        return None
-    text = concept.get("text")
-    if isinstance(text, str) and text:
+    text = _words(concept, "text")
+    if text or not isinstance(concept, dict):
         return text
     codings = concept.get("coding")
     return next((d for d in map(display, codings) if d), None) if isinstance(codings, list) else None
+
+
+def _words(node: object, key: str) -> str | None:
+    """`node[key]` when node is an object and that is a non-empty string (stored data is read defensively)."""
+    value = node.get(key) if isinstance(node, dict) else None
+    return value if isinstance(value, str) and value else None

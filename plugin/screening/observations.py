@@ -19,10 +19,11 @@ from plugin.screening.scoring import TRUTH_WORDS, Result
 
 UNKNOWN = {"coding": [{"system": systems.DATA_ABSENT, "code": "unknown", "display": "Unknown"}]}
 NOT_APPLICABLE = {"coding": [{"system": systems.DATA_ABSENT, "code": "not-applicable", "display": "Not Applicable"}]}
+NA = "not-applicable"  # a component's state when its result does not apply
 # A component's reason carries the code only, like its own code: readers look names up (screening.displays).
 COMPONENT_ABSENT = {
     None: {"coding": [{"system": systems.DATA_ABSENT, "code": "unknown"}]},
-    "not-applicable": {"coding": [{"system": systems.DATA_ABSENT, "code": "not-applicable"}]},
+    NA: {"coding": [{"system": systems.DATA_ABSENT, "code": NA}]},
 }
 INTERPRETATION = {
     code: [{"coding": [{"system": systems.INTERPRETATION, "code": code, "display": display}]}]
@@ -30,7 +31,6 @@ INTERPRETATION = {
 }
 TRUTH_INTERPRETATION = {True: INTERPRETATION["POS"], False: INTERPRETATION["NEG"], None: INTERPRETATION["IND"]}
 CACHE_LIMIT = 4096
-NA = "not-applicable"  # a component's state when its result does not apply
 # "Author X et al. Title. Journal 2009;68:784-8. Notes": who, and where it was published.
 PAPER = re.compile(r"(?P<who>[^.]+ et al\.) .+?\. (?P<where>[A-Z][A-Za-z ]* \d{4};\d+:\d+-\d+)")
 
@@ -241,6 +241,5 @@ def _score_answers(result: Result) -> str:
     """A score's narrative detail: each term's answer, then those left unanswered."""
     given = [f"{narrative.escape(t.text)} {v}" for t, v in zip(result.spec.terms, result.inputs) if v is not None]
     blank = [narrative.escape(t.text) for t, v in zip(result.spec.terms, result.inputs) if v is None]
-    found = ([f"Answers: {'; '.join(given)}."] if given else []) + ([f"Not answered: {'; '.join(blank)}."]
-                                                                      if blank else [])
-    return f"<p>{' '.join(found)}</p>" if found else ""
+    return narrative.groups([*(("given", g) for g in given), *((None, b) for b in blank)],
+                            (("given", "Answers"), (None, "Not answered")))
