@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from plugin import __version__
-from plugin.screening import criteria, narrative, systems
+from plugin.screening import narrative, systems
 from plugin.screening.checking import DATETIME
 from plugin.screening.identity import given_identifier, own_identifier, response_key, token, uuid5
 from plugin.screening.mappings import RuleSet, TaskSpec
@@ -95,7 +95,7 @@ class BundleBuilder:
         key = response_key(qr)
         when = instant(now)
         qr_entry, qr_ref = self._response_entry(qr, key)
-        context = _Context(key, qr, qr_ref, OBSERVATION_STATUS[status], when)
+        context = _Context(key, qr, qr_ref, OBSERVATION_STATUS[status], when, scores.facts)
         results = scores.results
         observations = [self._observation(p, results[p.spec.code], context) for p in self.observations.parts]
         if self.groupers:
@@ -120,7 +120,7 @@ class BundleBuilder:
         key = response_key(qr)
         status = "final" if qr.get("status") == "completed" else PRELIMINARY
         qr_entry, qr_ref = self._response_entry(qr, key)
-        context = _Context.lenient(key, qr, qr_ref, status, instant(now))
+        context = _Context.lenient(key, qr, qr_ref, status, instant(now), scores.facts)
         flags = [p for p in self.observations.parts if p.spec.kind == "flags"]
         observations = [self._observation(p, scores.results[p.spec.code], context) for p in flags]
         reasons = {p.spec.code: _ref(o) for p, o in zip(flags, observations)}
@@ -166,7 +166,7 @@ class BundleBuilder:
             "device": self.device_ref,
             "method": parts.method,
             "derivedFrom": ctx.derived,
-            **self.observations.findings(parts, result, ctx.answers),
+            **self.observations.findings(parts, result, ctx.facts),
         }
         if ctx.status == "final":
             request = {"method": "POST", "url": "Observation", "ifNoneExist": OBSERVATION_SEARCH + oid}
@@ -256,24 +256,18 @@ def scores_facts_digest(scores: Scores) -> list:
 class _Context:
     """The parts of one response that every resource built for it repeats."""
 
-    __slots__ = ("_answers", "about", "authored", "derived", "encounter", "key", "now", "qr", "qr_ref", "status",
+    __slots__ = ("about", "authored", "derived", "encounter", "facts", "key", "now", "qr", "qr_ref", "status",
                  "subject")
 
-    def __init__(self, key: str, qr: dict, qr_ref: dict, status: str, now: str) -> None:
+    def __init__(self, key: str, qr: dict, qr_ref: dict, status: str, now: str, facts: dict) -> None:
         self.key, self.qr, self.qr_ref, self.status, self.now = key, qr, qr_ref, status, now
-        self._answers: dict | None = None
+        self.facts = facts  # the answers as scored: the narratives tell a test left empty from a negative one
         self.derived = [qr_ref]  # every Observation's derivedFrom (shared, read-only)
         self.subject = {"reference": qr["subject"]["reference"]}
         encounter = qr.get("encounter")
         self.encounter = {"reference": encounter["reference"]} if encounter else None
         self.authored = qr.get("authored")
         self.about = self._about()
-
-    def answers(self) -> dict:
-        """linkId -> first answer, read from the response the first time a narrative needs it."""
-        if self._answers is None:
-            self._answers = criteria.answers_of(self.qr)
-        return self._answers
 
     def _about(self) -> dict:
         """Subject, encounter and effective time, as every Observation has them (the absent ones left out)."""
@@ -285,9 +279,9 @@ class _Context:
         return about
 
     @classmethod
-    def lenient(cls, key: str, qr: dict, qr_ref: dict, status: str, now: str) -> _Context:
+    def lenient(cls, key: str, qr: dict, qr_ref: dict, status: str, now: str, facts: dict) -> _Context:
         """For a response that was not checked whole: a malformed encounter or authored is left out."""
-        ctx = cls(key, {"subject": qr["subject"]}, qr_ref, status, now)
+        ctx = cls(key, {"subject": qr["subject"]}, qr_ref, status, now, facts)
         encounter, authored = qr.get("encounter"), qr.get("authored")
         if isinstance(encounter, dict) and isinstance(encounter.get("reference"), str):
             ctx.encounter = {"reference": encounter["reference"]}

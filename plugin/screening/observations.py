@@ -9,7 +9,7 @@ the findings of each state are made once and shared (never mutated).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -97,11 +97,11 @@ class ObservationBuilder:
         return Parts(spec, code, {"text": short_citation(spec.citation)}, components + also, terms, names, groups,
                      narrative.intro(spec.title), "", clinician_only, {})
 
-    def findings(self, parts: Parts, result: Result, answers: Callable[[], dict] | None = None) -> dict:
+    def findings(self, parts: Parts, result: Result, answers: Mapping[str, Any] | None = None) -> dict:
         """Value, interpretation, components and narrative: the same for every response in the same state.
 
-        `answers` (linkId -> value, asked only when a clinician-only criterion is not met) tells a test left
-        empty from a negative one: the narrative names it "Not tested", never "Not met" (H19).
+        `answers` (linkId -> value, the facts the rules scored) tells a test left empty from a negative one:
+        the narrative names it "Not tested", never "Not met" (H19).
 
         Responses repeat a limited number of states per result, so they are
         made once and reused (shared, never mutated); the cache stops growing
@@ -214,13 +214,12 @@ def _names(text: str, urgency: str | None) -> dict[Any, str]:
     return {True: name, False: name, narrative.UNTESTED: name, None: f"{name} ({urgency})" if urgency else name}
 
 
-def _untested(parts: Parts, result: Result, answers: Callable[[], dict] | None) -> tuple[int, ...]:
+def _untested(parts: Parts, result: Result, answers: Mapping[str, Any] | None) -> tuple[int, ...]:
     """The clinician-only criteria that are not met because their tests were left empty or not done."""
     if answers is None or not any(result.criteria[i] is False for i in parts.clinician_only):
         return ()
-    given = answers()
     return tuple(i for i in parts.clinician_only
-                 if result.criteria[i] is False and criteria.untested(parts.spec.criteria[i].code, given))
+                 if result.criteria[i] is False and criteria.untested(parts.spec.criteria[i].code, answers))
 
 
 def _flag_name(text: str, urgency: str | None, concern: str | None) -> str:

@@ -41,6 +41,7 @@ class Scores:
     strategy: str  # result code of the chosen strategy, '' if none
     results: dict[str, Result]
     tasks: list[TaskSpec]
+    facts: dict[str, Any]  # the answers scored: linkId -> value, an empty clinician item as its `unanswered_means`
 
     @property
     def outcome(self) -> Result:
@@ -61,7 +62,7 @@ def score(rule_set: RuleSet, facts: dict[str, Any], strategy: str | None = None)
     for spec in rule_set.emitted(ev.strategy):
         ev.results[spec.code] = _EVALUATORS[spec.kind](spec, ev)
     tasks = [t for t in rule_set.tasks if t.when(ev) is True]
-    return Scores(rule_set, ev.strategy, ev.results, tasks)
+    return Scores(rule_set, ev.strategy, ev.results, tasks, facts)
 
 
 def _count(spec: ResultSpec, ev: Evaluation) -> Result:
