@@ -10,7 +10,7 @@ here from the rule files rather than kept as a second list.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -70,11 +70,22 @@ def is_clinician_only(code: str) -> bool:
     return bool(reads) and reads <= rule_facts().not_tested.keys()
 
 
-def untested(code: str, answers: dict[str, Any]) -> bool:
-    """Whether a clinician-only criterion's tests were not done: every item it reads empty or "not tested"."""
+@cache
+def clinician_reads(code: str) -> tuple[tuple[str, str], ...]:
+    """A clinician-only criterion's items, each with the answer an empty one stands for; () for any other."""
     facts = rule_facts()
-    return is_clinician_only(code) and all(
-        answers.get(link_id) in (None, facts.not_tested[link_id]) for link_id in facts.items[code])
+    return tuple((i, facts.not_tested[i]) for i in sorted(facts.items[code])) if is_clinician_only(code) else ()
+
+
+def left_untested(reads: tuple[tuple[str, str], ...], answers: Mapping[str, Any]) -> bool:
+    """Whether every item of `clinician_reads` is empty or answered "not tested"."""
+    return all(answers.get(link_id) in (None, empty) for link_id, empty in reads)
+
+
+def untested(code: str, answers: Mapping[str, Any]) -> bool:
+    """Whether a clinician-only criterion's tests were not done: every item it reads empty or "not tested"."""
+    reads = clinician_reads(code)
+    return bool(reads) and left_untested(reads, answers)
 
 
 def answers_of(qr: dict) -> dict[str, Any]:

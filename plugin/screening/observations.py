@@ -66,7 +66,7 @@ class Parts:
     groups: tuple[tuple[Any, str], ...]  # narrative: (truth, label) of the groups named after the summary
     intro: str  # narrative: the title, before the summary
     tail: str  # narrative: what follows the groups (the outcome's safety-netting)
-    clinician_only: tuple[int, ...]  # criteria that read only clinician items: "not tested" when those are empty
+    clinician_only: tuple[tuple[int, tuple[tuple[str, str], ...]], ...]  # (criterion, criteria.clinician_reads)
     cache: dict[tuple, dict]  # result state -> findings (see ObservationBuilder.findings)
 
 
@@ -92,8 +92,8 @@ class ObservationBuilder:
         terms = tuple(_components(self.item_codes[t.item]) for t in spec.terms)
         names = tuple(_names(c.text, c.urgency if flags else None) for c in spec.criteria)
         groups = narrative.FLAG_GROUPS if flags else narrative.CRITERION_GROUPS
-        clinician_only = () if flags else tuple(i for i, c in enumerate(spec.criteria)
-                                                if criteria.is_clinician_only(c.code))
+        clinician_only = () if flags else tuple((i, reads) for i, c in enumerate(spec.criteria)
+                                                if (reads := criteria.clinician_reads(c.code)))
         return Parts(spec, code, {"text": short_citation(spec.citation)}, components + also, terms, names, groups,
                      narrative.intro(spec.title), "", clinician_only, {})
 
@@ -216,10 +216,10 @@ def _names(text: str, urgency: str | None) -> dict[Any, str]:
 
 def _untested(parts: Parts, result: Result, answers: Mapping[str, Any] | None) -> tuple[int, ...]:
     """The clinician-only criteria that are not met because their tests were left empty or not done."""
-    if answers is None or not any(result.criteria[i] is False for i in parts.clinician_only):
+    if answers is None or not parts.clinician_only:
         return ()
-    return tuple(i for i in parts.clinician_only
-                 if result.criteria[i] is False and criteria.untested(parts.spec.criteria[i].code, answers))
+    return tuple(i for i, reads in parts.clinician_only
+                 if result.criteria[i] is False and criteria.left_untested(reads, answers))
 
 
 def _flag_name(text: str, urgency: str | None, concern: str | None) -> str:
