@@ -32,8 +32,9 @@ from typing import Any
 import orjson
 
 from plugin.screening import data, systems
-from plugin.screening.displays import concept_text, display
+from plugin.screening.displays import absent_reason, concept_text, display
 from plugin.screening.identity import uuid5
+from plugin.screening.observations import NOT_PERFORMED
 
 SERVICE_ID = "backpain-screening"
 SID_SERVICE_REQUEST = f"{systems.BASE}/sid/service-request"
@@ -179,8 +180,8 @@ def criteria(observation: dict) -> tuple[list[str], list[str]]:
             continue
         if component.get("valueBoolean") is True:
             met.append(name)
-        elif "dataAbsentReason" in component and "valueBoolean" not in component:
-            unknown.append(name)
+        elif "valueBoolean" not in component and absent_reason(component) not in (None, NOT_PERFORMED):
+            unknown.append(name)  # a test not done is not an unanswered question
     return met, unknown
 
 

@@ -38,6 +38,14 @@ def concept_text(concept: object) -> str | None:
     return next((d for d in map(display, codings) if d), None) if isinstance(codings, list) else None
 
 
+def absent_reason(element: object) -> str | None:
+    """The code of an element's dataAbsentReason ("unknown", "not-performed", ...), or None."""
+    reason = element.get("dataAbsentReason") if isinstance(element, dict) else None
+    codings = reason.get("coding") if isinstance(reason, dict) else None
+    first = codings[0] if isinstance(codings, list) and codings else None
+    return _words(first, "code")
+
+
 def _words(node: object, key: str) -> str | None:
     """`node[key]` when node is an object and that is a non-empty string (stored data is read defensively)."""
     value = node.get(key) if isinstance(node, dict) else None

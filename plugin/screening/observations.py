@@ -20,10 +20,12 @@ from plugin.screening.scoring import TRUTH_WORDS, Result
 UNKNOWN = {"coding": [{"system": systems.DATA_ABSENT, "code": "unknown", "display": "Unknown"}]}
 NOT_APPLICABLE = {"coding": [{"system": systems.DATA_ABSENT, "code": "not-applicable", "display": "Not Applicable"}]}
 NA = "not-applicable"  # a component's state when its result does not apply
+NOT_PERFORMED = "not-performed"  # a criterion's component when its test was not done (left empty or "not tested")
 # A component's reason carries the code only, like its own code: readers look names up (screening.displays).
 COMPONENT_ABSENT = {
     None: {"coding": [{"system": systems.DATA_ABSENT, "code": "unknown"}]},
     NA: {"coding": [{"system": systems.DATA_ABSENT, "code": NA}]},
+    narrative.UNTESTED: {"coding": [{"system": systems.DATA_ABSENT, "code": NOT_PERFORMED}]},
 }
 INTERPRETATION = {
     code: [{"coding": [{"system": systems.INTERPRETATION, "code": code, "display": display}]}]
@@ -114,12 +116,13 @@ class ObservationBuilder:
             return found
         found = {}
         summary = _VALUE_SETTERS[parts.spec.kind](self, found, result)
-        # A threshold of a result that does not apply (Berlin over 50) is not-applicable, never "false".
-        states = result.criteria + (result.also if result.applies is not False else (NA,) * len(result.also))
+        # A test not done is not-performed, never "false", though the rules count it not met (H19); a threshold
+        # of a result that does not apply (Berlin over 50) is not-applicable, never "false".
+        shown = tuple(narrative.UNTESTED if i in untested else t for i, t in enumerate(result.criteria))
+        states = shown + (result.also if result.applies is not False else (NA,) * len(result.also))
         components = [parts.components[i][t] for i, t in enumerate(states)] + _score_components(parts, result)
         if components:
             found["component"] = components
-        shown = [narrative.UNTESTED if i in untested else t for i, t in enumerate(result.criteria)]
         named = (narrative.groups(((t, parts.names[i][t]) for i, t in enumerate(shown)), parts.groups)
                  if parts.names else _score_answers(result))
         found["text"] = narrative.text(narrative.document(
@@ -203,8 +206,7 @@ def _components(code: dict, urgency: str | None = None) -> dict[Any, dict]:
     return {
         True: {**extra, "code": code, "valueBoolean": True},
         False: {**extra, "code": code, "valueBoolean": False},
-        None: {**extra, "code": code, "dataAbsentReason": COMPONENT_ABSENT[None]},
-        NA: {**extra, "code": code, "dataAbsentReason": COMPONENT_ABSENT[NA]},
+        **{state: {**extra, "code": code, "dataAbsentReason": reason} for state, reason in COMPONENT_ABSENT.items()},
     }
 
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from plugin.screening import criteria
 from plugin.screening.criteria import answers_of
-from plugin.screening.displays import concept_text, display
+from plugin.screening.displays import absent_reason, concept_text, display
+from plugin.screening.observations import NOT_PERFORMED
 
 RESULT_ORDER = ("red-flags", "referral-asas-2015", "referral-nice-ng65", "asas-ibp", "berlin-ibp", "spa-features",
                 "mechanical-pattern", "basdai")
@@ -157,10 +158,10 @@ def criterion_state(component: dict, code: str, answers: dict[str, Any]) -> str:
         return "met"
     if value is False:
         return "not tested" if criteria.untested(code, answers) else "not met"
-    absent = ((component.get("dataAbsentReason") or {}).get("coding") or [{}])[0].get("code")
+    absent = absent_reason(component)
     if absent == "not-applicable":
         return "not applicable"
-    if absent in ("not-performed", "not-asked"):
+    if absent in (NOT_PERFORMED, "not-asked"):
         return "not tested"
     return "unknown"
 
@@ -177,8 +178,8 @@ def _unanswered(observation: dict, answers: dict[str, Any], questions: dict[str,
     """The questions, left unanswered, that the instrument's unknown criteria read."""
     link_ids: list[str] = []
     for component in observation.get("component", []):
-        if "valueBoolean" in component:
-            continue
+        if "valueBoolean" in component or absent_reason(component) == NOT_PERFORMED:
+            continue  # answered, or a test not done (which the rules count as not met: it decides nothing)
         for link_id in sorted(criteria.rule_facts().items.get(component["code"]["coding"][0]["code"], ())):
             if link_id not in answers and link_id not in link_ids and link_id in questions:
                 link_ids.append(link_id)

@@ -381,6 +381,8 @@ def test_an_indeterminate_screening_is_an_info_card_naming_what_to_ask(client, k
     check_card(card)
     assert card["indicator"] == "info" and "incomplete" in card["summary"] and "suggestions" not in card
     assert "Not answered" in card["detail"] and card["links"][0]["url"].endswith(f"/results/{qr['id']}")
+    # the clinician's tests left empty are not done, not questions to ask the patient (H19)
+    assert "HLA-B27" not in card["detail"] and "CRP" not in card["detail"], card["detail"]
 
 
 def test_an_earlier_task_still_awaiting_a_decision_after_a_benign_screening_is_info(client, keys):

@@ -107,6 +107,29 @@ def test_a_test_left_empty_is_named_not_tested_never_not_met(hla_b27, crp, hla_g
     assert "Uveitis" in groups["Not met"], div  # a patient's "no" stays not met
 
 
+@pytest.mark.parametrize("hla_b27, crp, hla_state, crp_state", [
+    (None, "normal", "not-performed", False),
+    ("not-tested", "not-tested", "not-performed", "not-performed"),
+    ("negative", None, False, "not-performed"),
+    ("positive", "raised", True, True),
+])
+def test_a_test_not_done_is_a_not_performed_component_never_false(hla_b27, crp, hla_state, crp_state) -> None:
+    """H19 for a system that reads only the components: a test not done has no value (dataAbsentReason
+    not-performed), though the count still treats it as not met; a negative test is `false`."""
+    answers = {"pain-duration": "3m-1y", "onset-age": 30, "age": 34, "uveitis": False,
+               "hla-b27": hla_b27, "crp-elevated": crp}
+    outcome = Screener().process(factory.response(answers))
+    observations = {r["code"]["coding"][0]["code"]: r for r in _observations(outcome)}
+    features = observations["spa-features"]
+    states = {c["code"]["coding"][0]["code"]: c.get("valueBoolean", c.get("dataAbsentReason", {}).get("coding",
+              [{}])[0].get("code")) for c in features["component"]}
+    assert states["spa-hla-b27-positive"] == hla_state and states["spa-raised-crp"] == crp_state, states
+    assert states["spa-uveitis"] is False  # a patient's "no" stays false
+    assert features["valueInteger"] == (hla_state is True) + (crp_state is True)  # not done counts as not met
+    asas = {c["code"]["coding"][0]["code"]: c for c in observations["referral-asas-2015"]["component"]}
+    assert ("valueBoolean" in asas["asas2015-hla-b27-positive"]) == (hla_state != "not-performed")
+
+
 def test_a_null_answer_is_read_as_no_answer_when_the_narrative_asks() -> None:
     """JSON null where an answer list goes: the check reads it as absent, and so must the narrative's reading of
     the answers (the fuzz test found a 500 here)."""

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from plugin.screening import systems
+from plugin.screening import criteria, systems
 from plugin.screening.pipeline import Outcome, Screener, Settings
 from tests.factory import BASDAI, SCREENING, response
 
@@ -219,6 +219,9 @@ class Check:
         assert result.criteria[index] is truth, f"{code}: {result.criteria[index]}"
         component = _component(self.observation(result.spec.code), code)
         assert _component_truth(component) is truth, f"{code} Bundle component: {component}"
+        # A clinician's test not done is counted not met, and written without a value (H19).
+        not_done = truth is False and criteria.untested(code, self.scores.facts)
+        assert (_absent_reason(component) == "not-performed") is not_done, f"{code} Bundle component: {component}"
 
     # -- BASDAI -----------------------------------------------------------------
 
@@ -257,5 +260,6 @@ def _component_truth(component: dict) -> bool | None:
     if "valueBoolean" in component:
         assert "dataAbsentReason" not in component
         return component["valueBoolean"]
-    assert _absent_reason(component) == "unknown", f"component neither value nor unknown: {component}"
-    return None
+    reason = _absent_reason(component)
+    assert reason in ("unknown", "not-performed"), f"component neither value nor unknown: {component}"
+    return None if reason == "unknown" else False  # a test not done: the rules count it not met

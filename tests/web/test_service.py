@@ -745,7 +745,8 @@ def expected_states(observations: list[dict], not_tested: set[str]) -> dict[str,
         for component in observation.get("component", []):
             value = component.get("valueBoolean")
             if component["code"]["coding"][0]["code"] in not_tested:
-                assert value is False  # what the rules store: a test not done counts as not met
+                # what is stored: no value, the test not performed (the rules count it not met; H19)
+                assert value is None and component["dataAbsentReason"]["coding"][0]["code"] == "not-performed"
                 states["not-tested"] += 1
             else:
                 states["met" if value is True else "not-met" if value is False else "unknown"] += 1
