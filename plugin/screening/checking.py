@@ -72,15 +72,18 @@ class _Walk:
 
 
 def check_response(
-    qr: Any, catalog: Catalog, fhir_base: str | None = None
+    qr: Any, catalog: Catalog, fhir_base: str | None = None, serialized: bytes | None = None
 ) -> tuple[CompiledQuestionnaire, dict[str, Any]]:
-    """Returns (the Questionnaire, the answers by linkId) or raises InvalidInput with every issue."""
+    """Returns (the Questionnaire, the answers by linkId) or raises InvalidInput with every issue.
+
+    `serialized`: the response as compact JSON, when the caller has it (spares serializing it again).
+    """
     if not isinstance(qr, dict):
         raise InvalidInput([Issue("structure", "The body is not a FHIR resource (expected a JSON object).")])
     if qr.get("resourceType") != ROOT:
         got = qr.get("resourceType")
         raise InvalidInput([Issue("invalid", f"Expected a QuestionnaireResponse, got {_name(got)}.", "resourceType")])
-    issues = _check_header(qr, fhir_base) + modifier_issues(qr, ROOT)
+    issues = _check_header(qr, fhir_base) + modifier_issues(qr, ROOT, serialized)
     q = _find_questionnaire(qr.get("questionnaire"), catalog, issues)
     if q is None:
         raise InvalidInput(issues)

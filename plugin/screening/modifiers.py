@@ -15,10 +15,13 @@ from plugin.screening.outcome import Issue
 UNDERSTOOD: frozenset[str] = frozenset()  # modifier extension urls the plugin knows the meaning of
 
 
-def modifier_issues(resource: dict, root: str) -> list[Issue]:
-    """One issue per element that carries a modifier extension the plugin does not understand."""
+def modifier_issues(resource: dict, root: str, serialized: bytes | None = None) -> list[Issue]:
+    """One issue per element that carries a modifier extension the plugin does not understand.
+
+    `serialized`: the resource as compact JSON, when the caller has it already.
+    """
     try:
-        if b'"modifierExtension"' not in orjson.dumps(resource):  # the usual case, found in microseconds
+        if b'"modifierExtension"' not in (serialized or orjson.dumps(resource)):  # the usual case, in microseconds
             return []
     except (orjson.JSONEncodeError, TypeError):
         pass  # what JSON cannot carry is reported by the checks that follow; still look for modifiers

@@ -63,13 +63,19 @@ class Version:
     builder: BundleBuilder
 
 
-def _must_serialize(qr: dict) -> None:
-    """The response is written back as it came: refuse what JSON cannot carry (too deep, huge ints)."""
+def _serialized(qr: Any) -> bytes | None:
+    """The response as compact JSON; None for what JSON cannot carry (too deep, huge ints)."""
     try:
-        orjson.dumps(qr)
-    except orjson.JSONEncodeError:
+        return orjson.dumps(qr)
+    except (orjson.JSONEncodeError, TypeError):
+        return None
+
+
+def _must_serialize(serialized: bytes | None) -> None:
+    """The response is written back as it came: refuse what JSON cannot carry."""
+    if serialized is None:
         raise invalid("structure", "The response holds values that cannot be written back as FHIR JSON "
-                      "(nested too deeply, or numbers or text out of range).") from None
+                      "(nested too deeply, or numbers or text out of range).")
 
 
 class Screener:
@@ -91,8 +97,8 @@ class Screener:
         self.rule_sets = {url: self.versions[url, q.version].rules for url, q in self.questionnaires.items()}
         self.builders = {url: self.versions[url, q.version].builder for url, q in self.questionnaires.items()}
 
-    def check(self, qr: Any) -> tuple[CompiledQuestionnaire, dict[str, Any]]:
-        return check_response(qr, self.catalog, self.settings.fhir_base)
+    def check(self, qr: Any, serialized: bytes | None = None) -> tuple[CompiledQuestionnaire, dict[str, Any]]:
+        return check_response(qr, self.catalog, self.settings.fhir_base, serialized)
 
     def process(self, qr: Any) -> Outcome:
         """Check, score and build; raises InvalidInput with every problem found.
@@ -101,12 +107,13 @@ class Screener:
         `true` one gives the red-flags Observation and the review Task (`red_flags_only`);
         on a refused response they ride on the InvalidInput (`rescued`) for the caller to write.
         """
+        serialized = _serialized(qr)  # once: the modifier-extension scan reads it too
         try:
-            q, facts = self.check(qr)
+            q, facts = self.check(qr, serialized)
         except InvalidInput as error:
             error.rescued = self.rescue(qr)
             raise
-        _must_serialize(qr)
+        _must_serialize(serialized)
         # Filed (and its results keyed) under the one relative form, however the accepted subject was written.
         qr["subject"]["reference"] = patient_reference(qr["subject"]["reference"], self.settings.fhir_base)
         if qr["status"] not in SCORED_STATUSES:  # in-progress or stopped: only a reported red flag is written
@@ -126,7 +133,7 @@ class Screener:
             return None
         qr["subject"]["reference"] = patient  # filed under the one relative form, as a scored response is
         try:
-            _must_serialize(qr)
+            _must_serialize(_serialized(qr))
         except InvalidInput:
             return None  # it cannot be written back at all; the caller keeps it and is told why
         return self._red_flags(qr, self.versions[q.url, q.version], lenient_facts(qr, q))
