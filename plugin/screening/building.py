@@ -256,11 +256,10 @@ def scores_facts_digest(scores: Scores) -> list:
 class _Context:
     """The parts of one response that every resource built for it repeats."""
 
-    __slots__ = ("about", "authored", "derived", "encounter", "facts", "key", "now", "qr", "qr_ref", "status",
-                 "subject")
+    __slots__ = ("about", "authored", "derived", "encounter", "facts", "key", "now", "qr_ref", "status", "subject")
 
     def __init__(self, key: str, qr: dict, qr_ref: dict, status: str, now: str, facts: dict) -> None:
-        self.key, self.qr, self.qr_ref, self.status, self.now = key, qr, qr_ref, status, now
+        self.key, self.qr_ref, self.status, self.now = key, qr_ref, status, now
         self.facts = facts  # the answers as scored: the narratives tell a test left empty from a negative one
         self.derived = [qr_ref]  # every Observation's derivedFrom (shared, read-only)
         self.subject = {"reference": qr["subject"]["reference"]}
