@@ -40,6 +40,8 @@ _issuer_port: dict[str, int] = {}  # the port the SMART HAPI names as its issuer
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Launches the HAPI servers the selected tests need right away: each takes half a minute or more to start,
     which the unit tests that run first then hide. The fixtures below wait for them and stop them."""
+    if session.config.option.collectonly:  # nothing will run: nothing to start
+        return
     needed = {name for item in session.items for name in getattr(item, "fixturenames", ())}
     _prepare_node_packages({item.nodeid.split("::")[0] for item in session.items}, needed)
     if os.environ.get("FHIR_BASE_URL"):
