@@ -7,9 +7,11 @@ set, the tests that can run on any server run against that one instead (see `any
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ import pytest
 
 from tests.fault_processes import FhirServer
 from tests.fault_report import fault_report, pytest_terminal_summary  # noqa: F401 (a fixture and a hook)
-from tests.fhir_helpers import free_port
+from tests.fhir_helpers import NODE, OAUTH_DIR, free_port, npm_install
 from tests.hapi_helpers import HapiServer, hapi_server
 
 HAPI_FIXTURES = frozenset({"fhir_base_url", "smart_hapi", "killable_hapi"})
@@ -38,9 +40,12 @@ _issuer_port: dict[str, int] = {}  # the port the SMART HAPI names as its issuer
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Launches the HAPI servers the selected tests need right away: each takes half a minute or more to start,
     which the unit tests that run first then hide. The fixtures below wait for them and stop them."""
-    if os.environ.get("FHIR_BASE_URL"):
+    if session.config.option.collectonly:  # nothing will run: nothing to start
         return
     needed = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    _prepare_node_packages({item.nodeid.split("::")[0] for item in session.items}, needed)
+    if os.environ.get("FHIR_BASE_URL"):
+        return
     if "fhir_base_url" in needed:
         _early["session"] = HapiServer()
         _early["session"].launch()
@@ -51,6 +56,27 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if "killable_hapi" in needed:  # the fault suite's own, on an H2 file (a minute or more to start)
         _early["killable"] = FhirServer(Path(tempfile.mkdtemp(prefix="killable-hapi-")))
         _early["killable"].launch()
+
+
+def _prepare_node_packages(modules: set[str], fixtures: set[str]) -> None:
+    """The npm packages (and the Smart Forms bundle) the selected tests will need, installed in a background
+    thread while the tests that run first go on: `npm ci` in a clean clone takes half a minute or more per folder.
+    The fixtures still call the same installs; they wait for one under way (a lock per folder) and redo one that
+    failed here, so a failure is reported by the test that needs it."""
+    def prepare() -> None:
+        # in the order the tests need them (conftest runs the modules that need no HAPI first)
+        with contextlib.suppress(Exception):
+            if "tests/test_renderers_browser.py" in modules:
+                from tests.test_renderers_browser import RENDERERS, build_smart_forms
+                npm_install(RENDERERS)
+                build_smart_forms()
+            if "axe_script" in fixtures:
+                from tests.web.browser import AXE
+                npm_install(AXE)
+            if "smart_hapi" in fixtures:
+                npm_install(OAUTH_DIR, needs=NODE)
+
+    threading.Thread(target=prepare, name="npm-installs", daemon=True).start()
 
 
 def pytest_sessionfinish() -> None:

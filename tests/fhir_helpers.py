@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -72,14 +73,22 @@ def npm_installed(folder: Path) -> bool:
                for name, package in wanted.items() if name and not package.get("optional"))
 
 
-def npm_install(folder: Path, *, again: bool = False) -> None:
-    """The packages `folder`'s package-lock.json names, unless they are there (or `again`); no install scripts,
-    so no step downloads a binary of its own."""
-    if npm_installed(folder) and not again:
-        return
-    program("npm", "npm")
-    subprocess.run(["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=folder, check=True,
-                   stdout=subprocess.DEVNULL, timeout=600)
+_npm_locks: dict[Path, threading.Lock] = {}
+_npm_locks_lock = threading.Lock()
+
+
+def npm_install(folder: Path, *, needs: Path | None = None) -> None:
+    """The packages `folder`'s package-lock.json names, unless they are there (and `needs`, a file one of them
+    brings, exists); no install scripts, so no step downloads a binary of its own. One install per folder at a
+    time: conftest starts them in the background at collection, and a fixture that asks meanwhile waits for it."""
+    with _npm_locks_lock:
+        lock = _npm_locks.setdefault(folder, threading.Lock())
+    with lock:
+        if npm_installed(folder) and (needs is None or needs.exists()):
+            return
+        program("npm", "npm")
+        subprocess.run(["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=folder, check=True,
+                       stdout=subprocess.DEVNULL, timeout=600)
 
 
 def free_port() -> int:
@@ -117,7 +126,7 @@ def node_server(folder: Path, env: dict[str, str], ready_path: str, what: str, q
     """`server.mjs` in `folder` on the Node 22 binary, on a port it picks and names at the end of its first
     output line; its base URL once `ready_path` answers. Stopped on leaving."""
     npm_install(folder)
-    npm_install(OAUTH_DIR, again=not NODE.exists())  # brings the Node binary
+    npm_install(OAUTH_DIR, needs=NODE)  # brings the Node binary
     process = subprocess.Popen([str(NODE), "server.mjs"], cwd=folder, env={**os.environ, "PORT": "0", **env},
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL if quiet else None,
                                text=True)

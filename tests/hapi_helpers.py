@@ -20,8 +20,11 @@ from tests.prerequisites import program
 HAPI_DIR = Path(__file__).resolve().parent / "hapi_server"
 JAR = HAPI_DIR / "target" / "hapi-test-server.jar"
 START_TIMEOUT = 400  # seconds: 35 s on a quiet 2-core machine, over 2 minutes while other work loads it
-# C1 only and small thread stacks: HAPI starts about a third faster; the tests send small requests.
-JVM_FLAGS = ["-XX:TieredStopAtLevel=1", "-Xss512k", "-Xms256m", "-Xmx1g", "-XX:+UseSerialGC"]
+# Small thread stacks and heap. The JIT is left at its default (tiered, C2 included): on this 2-core machine HAPI
+# started as fast as with C1 only (-XX:TieredStopAtLevel=1, 25-26 s either way), and then validated and stored
+# transactions about a third faster (40 screening transactions: 5.2 s against 8.2 s), which is most of what
+# the HAPI tests wait for.
+JVM_FLAGS = ["-Xss512k", "-Xms256m", "-Xmx1g", "-XX:+UseSerialGC"]
 
 
 def _stale() -> bool:

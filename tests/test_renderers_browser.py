@@ -155,8 +155,17 @@ def pages() -> Iterator[str]:
         server.server_close()
 
 
+_building = threading.Lock()
+
+
 def build_smart_forms() -> None:
-    """The Smart Forms app, bundled by esbuild into smart-forms/build/ (kept out of git), unless it is up to date."""
+    """The Smart Forms app, bundled by esbuild into smart-forms/build/ (kept out of git), unless it is up to date
+    (conftest starts this in the background at collection; the fixture then waits for it)."""
+    with _building:
+        _build_smart_forms()
+
+
+def _build_smart_forms() -> None:
     npm_install(SMART_FORMS)
     built = SMART_FORMS / "build" / "app.js"
     sources = [SMART_FORMS / "app.jsx", RENDERERS / "portal.js", SMART_FORMS / "node_modules" / ".package-lock.json"]
