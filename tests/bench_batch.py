@@ -278,7 +278,8 @@ def upload_runs(n: int) -> None:
     with tempfile.TemporaryDirectory() as tmp, hapi_server() as hapi:
         work, base_url = Path(tmp), hapi.base_url
         body = orjson.dumps({"resourceType": "Patient", "active": True})
-        with httpx.Client(base_url=base_url, headers={"Content-Type": "application/fhir+json"}) as fhir:
+        # a cold HAPI takes seconds over its first writes (validation warms up)
+        with httpx.Client(base_url=base_url, headers={"Content-Type": "application/fhir+json"}, timeout=60) as fhir:
             patients = [f"Patient/{fhir.post('/Patient', content=body).json()['id']}" for _ in range(20)]
         for store, flags in (("FHIR server", ["--fhir-base-url", base_url]),
                              ("embedded store", ["--store", str(work / "store.sqlite3")])):
