@@ -91,7 +91,9 @@ class SqliteStore:
 
     async def close(self) -> None:
         if self._worker and self._owner == os.getpid():
-            await asyncio.get_running_loop().run_in_executor(self._worker, self._disconnect)
+            # RuntimeError: the interpreter is exiting and shut the pool first; nothing is left uncommitted
+            with contextlib.suppress(RuntimeError):
+                await asyncio.get_running_loop().run_in_executor(self._worker, self._disconnect)
             self._worker.shutdown(wait=False)
         self._worker = None
 

@@ -100,6 +100,20 @@ async def total(store: SqliteStore, resource_type: str, **params: str) -> int:
 # -- schema, ids, versions ------------------------------------------------------------------
 
 
+def test_closing_after_the_interpreter_shut_the_worker_pool_is_quiet(db: Path):
+    """At interpreter exit Python shuts thread pools before a late ASGI lifespan shutdown closes the store:
+    the close must not raise (the service logged it as an unexpected error)."""
+    async def run() -> None:
+        store = await SqliteStore(db).__aenter__()
+        await store.create(patient())
+        store._worker.shutdown(wait=True)  # what Python's exit does to every pool
+        await store.close()
+
+    asyncio.run(run())
+    with closing(sqlite3.connect(db)) as conn:  # what was committed is there
+        assert conn.execute("select count(*) from resources").fetchone()[0] == 1
+
+
 def test_a_new_file_gets_its_schema_in_wal_mode_with_full_sync(db: Path):
     async def scenario(store: SqliteStore) -> int:
         return await store._call(lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0])
