@@ -32,9 +32,8 @@ from typing import Any
 import orjson
 
 from plugin.screening import data, systems
-from plugin.screening.displays import absent_reason, concept_text, display
+from plugin.screening.displays import NOT_PERFORMED, absent_reason, concept_text, display
 from plugin.screening.identity import uuid5
-from plugin.screening.observations import NOT_PERFORMED
 
 SERVICE_ID = "backpain-screening"
 SID_SERVICE_REQUEST = f"{systems.BASE}/sid/service-request"

@@ -38,6 +38,9 @@ def concept_text(concept: object) -> str | None:
     return next((d for d in map(display, codings) if d), None) if isinstance(codings, list) else None
 
 
+NOT_PERFORMED = "not-performed"  # the absent reason of a criterion whose clinician test was not done (H19)
+
+
 def absent_reason(element: object) -> str | None:
     """The code of an element's dataAbsentReason ("unknown", "not-performed", ...), or None."""
     reason = element.get("dataAbsentReason") if isinstance(element, dict) else None

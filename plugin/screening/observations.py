@@ -14,13 +14,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from plugin.screening import criteria, data, narrative, systems
+from plugin.screening.displays import NOT_PERFORMED
 from plugin.screening.mappings import INTERPRETATIONS, ResultSpec, RuleSet
 from plugin.screening.scoring import TRUTH_WORDS, Result
 
 UNKNOWN = {"coding": [{"system": systems.DATA_ABSENT, "code": "unknown", "display": "Unknown"}]}
 NOT_APPLICABLE = {"coding": [{"system": systems.DATA_ABSENT, "code": "not-applicable", "display": "Not Applicable"}]}
 NA = "not-applicable"  # a component's state when its result does not apply
-NOT_PERFORMED = "not-performed"  # a criterion's component when its test was not done (left empty or "not tested")
 # A component's reason carries the code only, like its own code: readers look names up (screening.displays).
 COMPONENT_ABSENT = {
     None: {"coding": [{"system": systems.DATA_ABSENT, "code": "unknown"}]},
@@ -99,7 +99,7 @@ class ObservationBuilder:
         return Parts(spec, code, {"text": short_citation(spec.citation)}, components + also, terms, names, groups,
                      narrative.intro(spec.title), "", clinician_only, {})
 
-    def findings(self, parts: Parts, result: Result, answers: Mapping[str, Any] | None = None) -> dict:
+    def findings(self, parts: Parts, result: Result, answers: Mapping[str, Any]) -> dict:
         """Value, interpretation, components and narrative: the same for every response in the same state.
 
         `answers` (linkId -> value, the facts the rules scored) tells a test left empty from a negative one:
@@ -216,10 +216,8 @@ def _names(text: str, urgency: str | None) -> dict[Any, str]:
     return {True: name, False: name, narrative.UNTESTED: name, None: f"{name} ({urgency})" if urgency else name}
 
 
-def _untested(parts: Parts, result: Result, answers: Mapping[str, Any] | None) -> tuple[int, ...]:
+def _untested(parts: Parts, result: Result, answers: Mapping[str, Any]) -> tuple[int, ...]:
     """The clinician-only criteria that are not met because their tests were left empty or not done."""
-    if answers is None or not parts.clinician_only:
-        return ()
     return tuple(i for i, reads in parts.clinician_only
                  if result.criteria[i] is False and criteria.left_untested(reads, answers))
 

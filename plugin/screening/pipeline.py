@@ -132,9 +132,7 @@ class Screener:
         if q is None:
             return None
         qr["subject"]["reference"] = patient  # filed under the one relative form, as a scored response is
-        try:
-            _must_serialize(_serialized(qr))
-        except InvalidInput:
+        if _serialized(qr) is None:
             return None  # it cannot be written back at all; the caller keeps it and is told why
         return self._red_flags(qr, self.versions[q.url, q.version], lenient_facts(qr, q))
 

@@ -13,8 +13,7 @@ from typing import Any
 
 from plugin.screening import criteria
 from plugin.screening.criteria import answers_of
-from plugin.screening.displays import absent_reason, concept_text, display
-from plugin.screening.observations import NOT_PERFORMED
+from plugin.screening.displays import NOT_PERFORMED, absent_reason, concept_text, display
 
 RESULT_ORDER = ("red-flags", "referral-asas-2015", "referral-nice-ng65", "asas-ibp", "berlin-ibp", "spa-features",
                 "mechanical-pattern", "basdai")
