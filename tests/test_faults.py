@@ -155,7 +155,7 @@ def settled(base_url: str, bodies: dict[str, bytes], quiet: float = 5.0, timeout
 
 
 def test_fhir_server_killed_mid_stream_then_restarted_and_synced(tmp_path: Path, fault_report, killable_hapi):
-    n = 120  # HAPI validates every write: enough to be killed mid-stream, few enough for a busy machine
+    n = 60  # HAPI validates every write: enough to be killed mid-stream (8 portal threads), few enough to be quick
     server = killable_hapi
     with serving(tmp_path / "serve", "--fhir-base-url", server.base_url) as service:
         with fhir_client(server.base_url) as fhir:

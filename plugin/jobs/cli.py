@@ -160,11 +160,13 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
     from plugin.fhir.client import FhirError
+    from plugin.screening import data
     from plugin.screening.outcome import InvalidInput
     from plugin.screening.parsing import parse_body
     from plugin.screening.pipeline import Screener
     from plugin.stores.writeback import prepare, raise_refusal, save
 
+    data.remember_validation()  # scripts run one `submit` a response: validating at each start was half of it
     screener = Screener(settings)
 
     async def run() -> tuple[Outcome, list[Written]]:

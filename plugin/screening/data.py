@@ -44,9 +44,10 @@ def _published() -> tuple[dict, ...]:
     start-up, before any response is scored against it. Validating takes a
     few tenths of a second (most of a `score` or a short `batch`), so the
     digest of definitions that passed is remembered in the user's cache by the
-    short-lived commands that ask for it (`score`, `batch`): the same bytes with
-    the same fhir.resources are not validated twice. The service never writes
-    it (its image's root filesystem is read-only), and validates once per start.
+    short-lived commands that ask for it (`score`, `batch`, `submit`): the same
+    bytes with the same fhir.resources are not validated twice. The service and
+    `sync` never write it (in the image only their volumes are writable), and
+    validate once per start.
     """
     files = [(path, path.read_bytes()) for path in sorted(questionnaires_dir().glob("*.json"))]
     found = [orjson.loads(raw) for _, raw in files]

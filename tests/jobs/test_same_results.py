@@ -109,3 +109,15 @@ def test_batch_imports_only_what_it_runs(tmp_path: Path) -> None:
     runs = [subprocess.run([sys.executable, "-c", code, str(source), str(tmp_path / "out")], cwd=ROOT, env=env,
                            capture_output=True, text=True, check=True).stdout.strip() for _ in range(2)]
     assert runs == ["[] True", "[] False"], runs
+
+
+def test_submit_validates_the_definitions_once_then_trusts_the_cache(tmp_path: Path) -> None:
+    """Scripts run `submit` once a response: the second start skips the FHIR models, as `batch` does."""
+    code = ("import sys; from plugin.jobs.cli import main; main(['submit', sys.argv[1], '--store', sys.argv[2]]); "
+            "print('fhir.resources.R4B' in sys.modules, file=sys.stderr)")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop("FHIR_BASE_URL", None)
+    runs = [subprocess.run([sys.executable, "-c", code, str(EXAMPLES / "qr-urgent.json"), str(tmp_path / "s.db")],
+                           cwd=ROOT, env=env, capture_output=True, text=True, check=True) for _ in range(2)]
+    assert [run.stderr.splitlines()[-1] for run in runs] == ["True", "False"], [run.stderr for run in runs]
+    assert [orjson.loads(run.stdout)["outcome"] for run in runs] == ["urgent-assessment"] * 2
