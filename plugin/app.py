@@ -49,7 +49,7 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> Starlet
             await service.close()
 
     middleware = [Middleware(RequestMetrics, metrics=service.metrics), Middleware(CatchAll), Middleware(PageHeaders),
-                  Middleware(BodyDeadline)]
+                  Middleware(BodyDeadline, gap_seconds=settings.body_gap_seconds, total_seconds=settings.body_seconds)]
     if settings.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                                      allow_methods=["GET", "POST", "PUT"], expose_headers=["Location", "ETag"],

@@ -52,6 +52,16 @@ class ServiceSettings:
     session_secret: str | None = field(default=None, repr=False)  # signs the SMART launch's cookies
     cds_issuers: tuple[str, ...] = ()  # `iss|jwks_url` the CDS Hooks JWTs may come from; none: CDS calls refused
     log_level: str = "info"
+    # Slow and idle clients (plugin/web/slow_clients.py): whole seconds, each at least 1
+    header_seconds: int = 10  # request line and headers must be in within this; else the connection is closed
+    body_gap_seconds: int = 10  # a body that stalls this long between chunks is a 408
+    body_seconds: int = 30  # and one that takes longer than this in all
+    keep_alive_seconds: int = 5  # an idle keep-alive connection is closed after this
+
+    def __post_init__(self) -> None:
+        for name in ("header_seconds", "body_gap_seconds", "body_seconds", "keep_alive_seconds"):
+            if not 1 <= getattr(self, name) <= 3600:
+                raise ValueError(f"{SERVICE_SETTINGS[name][0]} must be a whole number of seconds from 1 to 3600")
 
     def scoring(self) -> Settings:
         return Settings(strategy=self.strategy, max_body_bytes=self.max_body_bytes, fhir_base=self.fhir_base_url)
@@ -94,6 +104,14 @@ SERVICE_SETTINGS: dict[str, tuple[str, str]] = {
                     "signed JWTs the CDS Hooks service accepts, and their JWK Sets (allowed `jku`); unset: "
                     "CDS Hooks calls are refused"),
     "log_level": ("BACKPAIN_LOG_LEVEL", "debug, info (default), warning or error"),
+    "header_seconds": ("BACKPAIN_HEADER_SECONDS", "seconds a client has to send a request's line and headers "
+                       "(default 10; then the connection is closed)"),
+    "body_gap_seconds": ("BACKPAIN_BODY_GAP_SECONDS", "seconds a request body may stall between chunks (default 10; "
+                         "then 408)"),
+    "body_seconds": ("BACKPAIN_BODY_SECONDS", "seconds a whole request body may take (default 30; then 408)"),
+    "keep_alive_seconds": ("BACKPAIN_KEEP_ALIVE_SECONDS", "seconds an idle keep-alive connection stays open "
+                           "(default 5); behind a load balancer or ingress, set it above the balancer's own idle "
+                           "timeout, or the balancer may reuse a connection the plugin is closing (a 502)"),
 }
 
 
@@ -107,7 +125,10 @@ def service_settings(environ: Mapping[str, str] | None = None, **flags: object) 
         if raw is None and environ.get(variable):
             raw = environ[variable]
         if raw is not None:
-            values[name] = _convert(kinds[name], raw)
+            try:
+                values[name] = _convert(kinds[name], raw)
+            except ValueError:  # int("ten"): say which setting, as the range checks do
+                raise ValueError(f"{variable} must be a whole number, not {raw!r}") from None
     return ServiceSettings(**values)  # type: ignore[arg-type]
 
 

@@ -275,6 +275,8 @@ def _subscribe(args: argparse.Namespace, _: Settings) -> int:
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     """uvicorn with uvloop and httptools; each worker builds the app from the environment, so flags go there."""
+    import functools
+
     import uvicorn
 
     from plugin.settings import SERVICE_SETTINGS, service_settings
@@ -295,10 +297,11 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_SERVER
     where = service.fhir_base_url or f"the embedded store {service.store_path}"
     print(f"backpain-screen: serving on http://{service.host}:{service.port}, writing to {where}", file=sys.stderr)
+    http = functools.partial(slow_clients.HeaderDeadline, header_seconds=service.header_seconds)
     uvicorn.run("plugin.app:from_environment", factory=True, host=service.host, port=service.port,
-                workers=service.workers, loop="uvloop", http=slow_clients.HeaderDeadline,
+                workers=service.workers, loop="uvloop", http=http,  # type: ignore[arg-type]  # a protocol factory
                 log_level=service.log_level, access_log=False, proxy_headers=True, server_header=False,
-                timeout_keep_alive=slow_clients.KEEP_ALIVE_SECONDS, limit_concurrency=slow_clients.MAX_CONNECTIONS)
+                timeout_keep_alive=service.keep_alive_seconds, limit_concurrency=slow_clients.MAX_CONNECTIONS)
     return 0
 
 

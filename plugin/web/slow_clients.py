@@ -4,10 +4,11 @@ uvicorn closes idle keep-alive connections (`timeout_keep_alive`) and caps
 connections (`limit_concurrency`, then 503), but waits for ever for headers
 that trickle in, and the app would wait for ever for a body that does.
 `HeaderDeadline` closes a connection whose request line and headers are
-not all in within HEADER_SECONDS of it starting; `BodyDeadline` answers
-408 when a body stalls BODY_GAP_SECONDS between chunks or takes longer than
-BODY_SECONDS in all (a 1 MiB body at a slow 64 kbit/s takes 2 minutes: this
-allows 35 kB/s; a screening response is 3 kB).
+not all in within `header_seconds` of it starting; `BodyDeadline` answers
+408 when a body stalls `body_gap_seconds` between chunks or takes longer than
+`body_seconds` in all (a 1 MiB body at a slow 64 kbit/s takes 2 minutes: the
+default 30 s allows 35 kB/s; a screening response is 3 kB). The limits are
+settings (plugin/settings.py); `serve` hands them to uvicorn and the app.
 """
 
 from __future__ import annotations
@@ -15,23 +16,27 @@ from __future__ import annotations
 import asyncio
 import time
 from asyncio import TimerHandle
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from plugin.screening.outcome import invalid
 
-HEADER_SECONDS = 10.0
-BODY_GAP_SECONDS = 10.0
-BODY_SECONDS = 30.0
-KEEP_ALIVE_SECONDS = 5  # uvicorn's timeout_keep_alive: an idle connection is closed after this
 MAX_CONNECTIONS = 1000  # uvicorn's limit_concurrency: past this many connections or requests, 503
 
 
 class HeaderDeadline(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with a deadline from a request's first byte to its last header."""
+    """uvicorn's httptools protocol, with a deadline from a request's first byte to its last header.
+
+    `serve` gives uvicorn `functools.partial(HeaderDeadline, header_seconds=...)`: a partial of a module-level
+    class pickles by name, so each worker process gets the same limit."""
 
     _deadline: TimerHandle | None = None
+
+    def __init__(self, *args: Any, header_seconds: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_seconds = header_seconds
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -51,7 +56,7 @@ class HeaderDeadline(HttpToolsProtocol):
 
     def _arm(self) -> None:
         self._disarm()
-        self._deadline = self.loop.call_later(HEADER_SECONDS, self._too_slow)
+        self._deadline = self.loop.call_later(self.header_seconds, self._too_slow)
 
     def _disarm(self) -> None:
         if self._deadline is not None:
@@ -66,8 +71,8 @@ class HeaderDeadline(HttpToolsProtocol):
 class BodyDeadline:
     """ASGI middleware: a request body that stalls or crawls is refused with 408 (nothing was read into use)."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, *, gap_seconds: float, total_seconds: float) -> None:
+        self.app, self.gap_seconds, self.total_seconds = app, gap_seconds, total_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -76,9 +81,9 @@ class BodyDeadline:
         started = time.monotonic()
 
         async def receiving() -> Message:
-            left = BODY_SECONDS - (time.monotonic() - started)
+            left = self.total_seconds - (time.monotonic() - started)
             try:  # asyncio.timeout, not wait_for: a timer on this task instead of a new task for every chunk
-                async with asyncio.timeout(min(BODY_GAP_SECONDS, max(left, 0.001))):
+                async with asyncio.timeout(min(self.gap_seconds, max(left, 0.001))):
                     return await receive()
             except TimeoutError:
                 raise invalid("timeout", "The request body arrived too slowly; send it again.", status=408) from None

@@ -12,7 +12,9 @@ import dataclasses
 import hashlib
 import hmac
 import logging
+import os
 import re
+import subprocess
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -33,7 +35,7 @@ from plugin.screening.pipeline import Screener
 from plugin.settings import SERVICE_SETTINGS, ServiceSettings, service_settings
 from plugin.stores.sqlite import SqliteStore
 from tests.factory import response
-from tests.fhir_helpers import written_locations
+from tests.fhir_helpers import CLI, written_locations
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "questionnaires" / "examples"
@@ -1246,6 +1248,8 @@ def test_service_settings_from_environment_and_flags(tmp_path):
         "BACKPAIN_SMART_KEY_ID": "key-2026", "BACKPAIN_SMART_SCOPES": "system/Observation.crus",
         "BACKPAIN_SESSION_SECRET": "session-secret",
         "BACKPAIN_CDS_ISSUERS": "https://ehr.example.org|https://ehr.example.org/jwks, https://b.example|https://b.example/k",
+        "BACKPAIN_HEADER_SECONDS": "7", "BACKPAIN_BODY_GAP_SECONDS": "8", "BACKPAIN_BODY_SECONDS": "60",
+        "BACKPAIN_KEEP_ALIVE_SECONDS": "75",
     }
     assert set(environ) == {variable for variable, _ in SERVICE_SETTINGS.values()}
     settings = service_settings(environ)
@@ -1257,7 +1261,8 @@ def test_service_settings_from_environment_and_flags(tmp_path):
         log_level="warning", smart_launch_client_id="screening-app",
         smart_client_id="backpain-plugin", smart_private_key=str(tmp_path / "key.pem"), smart_key_id="key-2026",
         smart_scopes="system/Observation.crus", session_secret="session-secret",
-        cds_issuers=("https://ehr.example.org|https://ehr.example.org/jwks", "https://b.example|https://b.example/k"))
+        cds_issuers=("https://ehr.example.org|https://ehr.example.org/jwks", "https://b.example|https://b.example/k"),
+        header_seconds=7, body_gap_seconds=8, body_seconds=60, keep_alive_seconds=75)
     assert settings.scoring().max_body_bytes == 2048 and settings.scoring().strategy == "nice-ng65"
     for secret in ("outbound-secret", "ingest-secret", "notify-secret", "form-secret", "session-secret"):
         assert secret not in repr(settings)
@@ -1268,6 +1273,20 @@ def test_service_settings_from_environment_and_flags(tmp_path):
     assert defaults.port == ServiceSettings().port and defaults.cors_origins == ()
     assert defaults.fhir_base_url is None and defaults.ingest_token is None
     assert defaults.smart_client_id is None and "system/Observation.crus" in defaults.smart_scopes
+    assert (defaults.header_seconds, defaults.body_gap_seconds, defaults.body_seconds,
+            defaults.keep_alive_seconds) == (10, 10, 30, 5)
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("BACKPAIN_HEADER_SECONDS", "0"), ("BACKPAIN_KEEP_ALIVE_SECONDS", "-5"), ("BACKPAIN_BODY_SECONDS", "3601"),
+    ("BACKPAIN_BODY_GAP_SECONDS", "ten")])
+def test_a_client_time_limit_out_of_range_stops_serve_with_one_line(variable, value, tmp_path):
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), variable: value}
+    done = subprocess.run([*CLI, "serve", "--store", str(tmp_path / "s.sqlite3"), "--port", "1"], env=env,
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("backpain-screen: a setting is not valid:") and "Traceback" not in done.stderr
+    assert variable in done.stderr
 
 
 @pytest.mark.parametrize("document", ["README.md", "deploy/operations.md"])
