@@ -27,6 +27,11 @@ def default_store_path() -> Path:
     return Path(state_home) / "backpain-screen" / "store.sqlite3"
 
 
+# Upper bounds of the client time limits: longer ones would let a few slow clients hold the connections again
+CLIENT_SECONDS_AT_MOST = {"header_seconds": 60, "body_gap_seconds": 60, "body_seconds": 600,
+                          "keep_alive_seconds": 600}
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceSettings:
     """What `backpain-screen serve` runs with. Secrets are never printed (repr hides them)."""
@@ -59,9 +64,9 @@ class ServiceSettings:
     keep_alive_seconds: int = 5  # an idle keep-alive connection is closed after this
 
     def __post_init__(self) -> None:
-        for name in ("header_seconds", "body_gap_seconds", "body_seconds", "keep_alive_seconds"):
-            if not 1 <= getattr(self, name) <= 3600:
-                raise ValueError(f"{SERVICE_SETTINGS[name][0]} must be a whole number of seconds from 1 to 3600")
+        for name, most in CLIENT_SECONDS_AT_MOST.items():
+            if not 1 <= getattr(self, name) <= most:
+                raise ValueError(f"{SERVICE_SETTINGS[name][0]} must be a whole number of seconds from 1 to {most}")
 
     def scoring(self) -> Settings:
         return Settings(strategy=self.strategy, max_body_bytes=self.max_body_bytes, fhir_base=self.fhir_base_url)
@@ -105,13 +110,15 @@ SERVICE_SETTINGS: dict[str, tuple[str, str]] = {
                     "CDS Hooks calls are refused"),
     "log_level": ("BACKPAIN_LOG_LEVEL", "debug, info (default), warning or error"),
     "header_seconds": ("BACKPAIN_HEADER_SECONDS", "seconds a client has to send a request's line and headers "
-                       "(default 10; then the connection is closed)"),
-    "body_gap_seconds": ("BACKPAIN_BODY_GAP_SECONDS", "seconds a request body may stall between chunks (default 10; "
-                         "then 408)"),
-    "body_seconds": ("BACKPAIN_BODY_SECONDS", "seconds a whole request body may take (default 30; then 408)"),
+                       "(default 10, at most 60; then the connection is closed)"),
+    "body_gap_seconds": ("BACKPAIN_BODY_GAP_SECONDS", "seconds a request body may stall between chunks (default 10, "
+                         "at most 60; then 408)"),
+    "body_seconds": ("BACKPAIN_BODY_SECONDS", "seconds a whole request body may take (default 30, at most 600; "
+                     "then 408)"),
     "keep_alive_seconds": ("BACKPAIN_KEEP_ALIVE_SECONDS", "seconds an idle keep-alive connection stays open "
-                           "(default 5); behind a load balancer or ingress, set it above the balancer's own idle "
-                           "timeout, or the balancer may reuse a connection the plugin is closing (a 502)"),
+                           "(default 5, at most 600); behind a load balancer or ingress, set it above the "
+                           "balancer's own idle timeout, or the balancer may reuse a connection the plugin is "
+                           "closing (a 502)"),
 }
 
 

@@ -1278,8 +1278,8 @@ def test_service_settings_from_environment_and_flags(tmp_path):
 
 
 @pytest.mark.parametrize(("variable", "value"), [
-    ("BACKPAIN_HEADER_SECONDS", "0"), ("BACKPAIN_KEEP_ALIVE_SECONDS", "-5"), ("BACKPAIN_BODY_SECONDS", "3601"),
-    ("BACKPAIN_BODY_GAP_SECONDS", "ten")])
+    ("BACKPAIN_HEADER_SECONDS", "0"), ("BACKPAIN_KEEP_ALIVE_SECONDS", "-5"), ("BACKPAIN_BODY_SECONDS", "601"),
+    ("BACKPAIN_BODY_GAP_SECONDS", "ten"), ("BACKPAIN_HEADER_SECONDS", "61")])
 def test_a_client_time_limit_out_of_range_stops_serve_with_one_line(variable, value, tmp_path):
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), variable: value}
     done = subprocess.run([*CLI, "serve", "--store", str(tmp_path / "s.sqlite3"), "--port", "1"], env=env,
