@@ -199,7 +199,7 @@ def test_fhir_server_killed_mid_stream_then_restarted_and_synced(tmp_path: Path,
 
 
 def test_sync_killed_midway_then_rerun_completes_without_duplicates(tmp_path: Path, fault_report, fhir_base_url):
-    n, page = 100, "50"  # two of sync's pages: killed in the second, it must not start again from zero
+    n, page = 60, "30"  # two of sync's pages: killed in the second, it must not start again from zero
     server = Session(fhir_base_url)
     with fhir_client(server.base_url) as fhir:
         patients = new_patients(fhir, 10)
