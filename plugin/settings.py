@@ -27,9 +27,14 @@ def default_store_path() -> Path:
     return Path(state_home) / "backpain-screen" / "store.sqlite3"
 
 
-# Upper bounds of the client time limits: longer ones would let a few slow clients hold the connections again
+# Upper bounds of the client time limits: longer ones would let a few slow clients hold the connections again.
+# Keep-alive goes higher: Google Cloud's load balancers keep backend connections 600 s and want more than that.
 CLIENT_SECONDS_AT_MOST = {"header_seconds": 60, "body_gap_seconds": 60, "body_seconds": 600,
-                          "keep_alive_seconds": 600}
+                          "keep_alive_seconds": 1200}
+
+
+class SettingError(ValueError):
+    """A setting that cannot be used; its message names the environment variable."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +68,12 @@ class ServiceSettings:
     body_seconds: int = 30  # and one that takes longer than this in all
     keep_alive_seconds: int = 5  # an idle keep-alive connection is closed after this
 
-    def __post_init__(self) -> None:
+    def check_client_limits(self) -> None:
+        """`serve` refuses limits out of bounds (other commands do not use them, so a CronJob sharing the
+        service's ConfigMap is not stopped by one)."""
         for name, most in CLIENT_SECONDS_AT_MOST.items():
             if not 1 <= getattr(self, name) <= most:
-                raise ValueError(f"{SERVICE_SETTINGS[name][0]} must be a whole number of seconds from 1 to {most}")
+                raise SettingError(f"{SERVICE_SETTINGS[name][0]} must be a whole number of seconds from 1 to {most}")
 
     def scoring(self) -> Settings:
         return Settings(strategy=self.strategy, max_body_bytes=self.max_body_bytes, fhir_base=self.fhir_base_url)
@@ -116,9 +123,10 @@ SERVICE_SETTINGS: dict[str, tuple[str, str]] = {
     "body_seconds": ("BACKPAIN_BODY_SECONDS", "seconds a whole request body may take (default 30, at most 600; "
                      "then 408)"),
     "keep_alive_seconds": ("BACKPAIN_KEEP_ALIVE_SECONDS", "seconds an idle keep-alive connection stays open "
-                           "(default 5, at most 600); behind a load balancer or ingress, set it above the "
-                           "balancer's own idle timeout, or the balancer may reuse a connection the plugin is "
-                           "closing (a 502)"),
+                           "(default 5, at most 1200); behind a load balancer or ingress, set it above the "
+                           "balancer's own idle timeout (ingress-nginx 60 s, Google Cloud's load balancers 600 s), "
+                           "or the balancer may reuse a connection the plugin is closing (a 502). A new connection "
+                           "that sends nothing is closed after BACKPAIN_HEADER_SECONDS"),
 }
 
 
@@ -135,7 +143,7 @@ def service_settings(environ: Mapping[str, str] | None = None, **flags: object) 
             try:
                 values[name] = _convert(kinds[name], raw)
             except ValueError:  # int("ten"): say which setting, as the range checks do
-                raise ValueError(f"{variable} must be a whole number, not {raw!r}") from None
+                raise SettingError(f"{variable} must be a whole number, not {raw!r}") from None
     return ServiceSettings(**values)  # type: ignore[arg-type]
 
 

@@ -36,8 +36,13 @@ def main(argv: list[str] | None = None) -> int:
 
     base = getattr(args, "fhir_base_url", None) or os.environ.get("FHIR_BASE_URL") or None
     settings = Settings(strategy=getattr(args, "strategy", None), fhir_base=base)  # publish has no strategy
+    from plugin.settings import SettingError
+
     try:
         return args.run(args, settings)
+    except SettingError as error:  # e.g. BACKPAIN_PORT=abc: one line, not a traceback, from every command
+        print(f"backpain-screen: a setting is not valid: {error}.", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -286,6 +291,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
              "fhir_base_url": args.fhir_base_url, "strategy": args.strategy}
     try:
         service = service_settings(**flags)
+        service.check_client_limits()
     except ValueError as error:
         print(f"backpain-screen: a setting is not valid: {error}.", file=sys.stderr)
         return EXIT_BAD_INPUT

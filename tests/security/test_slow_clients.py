@@ -19,7 +19,7 @@ import pytest
 
 from tests.fault_processes import Service, serving
 
-HEADER_SECONDS, BODY_GAP_SECONDS, KEEP_ALIVE_SECONDS = 4, 3, 2
+HEADER_SECONDS, BODY_GAP_SECONDS, BODY_SECONDS, KEEP_ALIVE_SECONDS = 4, 3, 6, 2
 MARGIN = 4.0  # seconds of slack on this shared machine
 
 
@@ -27,6 +27,7 @@ MARGIN = 4.0  # seconds of slack on this shared machine
 def service(tmp_path_factory) -> Iterator[Service]:
     home = tmp_path_factory.mktemp("slow")
     limits = {"BACKPAIN_HEADER_SECONDS": str(HEADER_SECONDS), "BACKPAIN_BODY_GAP_SECONDS": str(BODY_GAP_SECONDS),
+              "BACKPAIN_BODY_SECONDS": str(BODY_SECONDS),
               "BACKPAIN_KEEP_ALIVE_SECONDS": str(KEEP_ALIVE_SECONDS)}
     with serving(home, "--store", str(home / "store.sqlite3"), "--workers", "2", BACKPAIN_LOG_LEVEL="info",
                  **limits) as running:
@@ -97,6 +98,25 @@ def test_a_stalled_body_is_a_408(service):
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"OperationOutcome" in answer
     assert BODY_GAP_SECONDS - 1 <= took <= BODY_GAP_SECONDS + MARGIN, took
+    sock.close()
+
+
+def test_a_body_that_crawls_is_a_408_when_its_whole_time_is_up(service):
+    """A byte a second never stalls BODY_GAP_SECONDS, but the body as a whole may take only BODY_SECONDS."""
+    sock = connect(service)
+    started = time.monotonic()
+    sock.sendall(b"POST /QuestionnaireResponse HTTP/1.1\r\nHost: x\r\nContent-Type: application/fhir+json\r\n"
+                 b"Content-Length: 5000\r\n\r\n{")
+    sock.settimeout(1.0)
+    answer = b""
+    while not answer and time.monotonic() - started < BODY_SECONDS + MARGIN:
+        try:
+            answer = read_answer(sock)
+        except TimeoutError:
+            sock.sendall(b" ")
+    took = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408") and b"OperationOutcome" in answer, answer[:200]
+    assert BODY_SECONDS - 1 <= took <= BODY_SECONDS + MARGIN, took  # not the gap (3 s), not the default (30 s)
     sock.close()
 
 

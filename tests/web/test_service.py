@@ -1279,14 +1279,28 @@ def test_service_settings_from_environment_and_flags(tmp_path):
 
 @pytest.mark.parametrize(("variable", "value"), [
     ("BACKPAIN_HEADER_SECONDS", "0"), ("BACKPAIN_KEEP_ALIVE_SECONDS", "-5"), ("BACKPAIN_BODY_SECONDS", "601"),
-    ("BACKPAIN_BODY_GAP_SECONDS", "ten"), ("BACKPAIN_HEADER_SECONDS", "61")])
+    ("BACKPAIN_BODY_GAP_SECONDS", "ten"), ("BACKPAIN_HEADER_SECONDS", "61"), ("BACKPAIN_KEEP_ALIVE_SECONDS", "1201")])
 def test_a_client_time_limit_out_of_range_stops_serve_with_one_line(variable, value, tmp_path):
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), variable: value}
     done = subprocess.run([*CLI, "serve", "--store", str(tmp_path / "s.sqlite3"), "--port", "1"], env=env,
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith("backpain-screen: a setting is not valid:") and "Traceback" not in done.stderr
+    assert done.stderr.startswith("backpain-screen: a setting is not valid:") and done.stderr.count("\n") == 1
     assert variable in done.stderr
+
+
+def test_the_client_time_limits_bounds_are_inclusive_and_only_serve_checks_them(tmp_path):
+    ServiceSettings(header_seconds=60, body_gap_seconds=60, body_seconds=600, keep_alive_seconds=1200
+                    ).check_client_limits()
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "BACKPAIN_KEEP_ALIVE_SECONDS": "5000"}
+    submitted = subprocess.run([*CLI, "submit", str(EXAMPLES / "qr-urgent.json"), "--store", str(tmp_path / "s.db")],
+                               env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert submitted.returncode == 0, submitted.stderr  # a CronJob sharing serve's ConfigMap is not stopped by it
+    env["BACKPAIN_PORT"] = "eighty"
+    refused = subprocess.run([*CLI, "submit", str(EXAMPLES / "qr-urgent.json"), "--store", str(tmp_path / "s.db")],
+                             env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert (refused.returncode, refused.stderr) == (
+        2, "backpain-screen: a setting is not valid: BACKPAIN_PORT must be a whole number, not 'eighty'.\n")
 
 
 @pytest.mark.parametrize("document", ["README.md", "deploy/operations.md"])
