@@ -26,7 +26,8 @@ from tests.fault_report import fault_report, pytest_terminal_summary  # noqa: F4
 from tests.fhir_helpers import NODE, OAUTH_DIR, free_port, npm_install
 from tests.hapi_helpers import HapiServer, hapi_server
 
-HAPI_FIXTURES = frozenset({"fhir_base_url", "smart_hapi", "killable_hapi"})
+KILLABLE = "killable_hapi"
+HAPI_FIXTURES = frozenset({"fhir_base_url", "smart_hapi", KILLABLE})
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -34,6 +35,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 _early: dict[str, HapiServer] = {}
+_killable_modules: set[object] = set()  # modules with a test that needs the killable HAPI, until it is launched
 _issuer_port: dict[str, int] = {}  # the port the SMART HAPI names as its issuer's
 
 
@@ -53,7 +55,17 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         _issuer_port["smart"] = free_port()
         _early["smart"] = HapiServer(AUTH_ISSUER=f"http://127.0.0.1:{_issuer_port['smart']}")
         _early["smart"].launch()
-    if "killable_hapi" in needed:  # the fault suite's own, on an H2 file (a minute or more to start)
+    # The fault suite's own HAPI, on an H2 file, is launched later: when the first test of a module that needs
+    # it starts (pytest_runtest_setup). Three JVMs starting at once slowed the unit tests that run first.
+    _killable_modules.update(item.module for item in session.items
+                             if KILLABLE in getattr(item, "fixturenames", ()))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Launches the killable HAPI as its module begins; the tests that use it run last in the session (see
+    pytest_collection_modifyitems), so the module's other tests hide most of its start."""
+    if item.module in _killable_modules and "killable" not in _early:
+        _killable_modules.clear()  # once
         _early["killable"] = FhirServer(Path(tempfile.mkdtemp(prefix="killable-hapi-")))
         _early["killable"].launch()
 
@@ -103,7 +115,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     here, SMART, a server to kill)."""
     if not os.environ.get("FHIR_BASE_URL"):
         on_hapi = {item.module for item in items if HAPI_FIXTURES & set(getattr(item, "fixturenames", ()))}
-        items.sort(key=lambda item: item.module in on_hapi)  # stable: the order within each group is kept
+        # stable: the order within each group is kept; the tests that kill a HAPI go last, while theirs starts
+        items.sort(key=lambda item: (item.module in on_hapi, KILLABLE in getattr(item, "fixturenames", ())))
         return
     kept = [item for item in items if item.get_closest_marker("any_server")]
     config.hook.pytest_deselected(items=[item for item in items if item not in kept])
@@ -127,8 +140,8 @@ class SmartHapi:
 
 @pytest.fixture
 def killable_hapi(tmp_path: Path) -> Iterator[FhirServer]:
-    """A HAPI of the test's own on an H2 file, to SIGKILL and start again: launched at collection when a selected
-    test needs it (else now), stopped and its files removed after the test."""
+    """A HAPI of the test's own on an H2 file, to SIGKILL and start again: launched as the module that needs it
+    begins (else now), stopped and its files removed after the test."""
     early = _early.pop("killable", None)
     server = early or FhirServer(tmp_path)
     if early is None:
