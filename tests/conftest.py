@@ -64,7 +64,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Launches the killable HAPI as its module begins; the tests that use it run last in the session (see
     pytest_collection_modifyitems), so the module's other tests hide most of its start."""
-    if item.module in _killable_modules and "killable" not in _early:
+    if item.module in _killable_modules:
         _killable_modules.clear()  # once
         _early["killable"] = FhirServer(Path(tempfile.mkdtemp(prefix="killable-hapi-")))
         _early["killable"].launch()

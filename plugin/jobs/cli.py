@@ -289,12 +289,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     flags = {"host": args.host, "port": args.port, "workers": args.workers, "store_path": args.store,
              "fhir_base_url": args.fhir_base_url, "strategy": args.strategy}
-    try:
-        service = service_settings(**flags)
-        service.check_client_limits()
-    except ValueError as error:
-        print(f"backpain-screen: a setting is not valid: {error}.", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    service = service_settings(**flags)  # a SettingError is said in one line by main(), as for every command
+    service.check_client_limits()
     for name, value in flags.items():
         if value is not None:
             os.environ[SERVICE_SETTINGS[name][0]] = str(value)
